@@ -1,0 +1,463 @@
+"""The decoder-only transformer behind memagent, and its HF-format checkpoints.
+
+One `Transformer` covers the Llama, Mistral, Qwen2 (biased q/k/v projections) and Qwen3 (q/k
+RMSNorm) families: RMSNorm -> attention with RoPE and grouped-query heads -> RMSNorm -> SwiGLU MLP,
+repeated, then a final norm and the LM head. Module names follow HF's so that a checkpoint's keys
+map one to one (drop the leading "model.").
+
+Three ways in:
+  model(input_ids)                         plain causal forward -> logits            (B, T, V)
+  model.token_logprobs(ids, targets, pos)  packed conversations -> log p(target)     (B, T)
+  model(input_ids, position_ids, kv=...)   the rollout engine's paged-KV forward (rollout.py)
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+ARCHITECTURES = {  # HF `architectures` value -> family
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"  # llama | mistral | qwen2 | qwen3
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 768
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF dict: {"rope_type": "linear"|"llama3"|"yarn", ...}
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False  # bias on q/k/v projections (always on for qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3)
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    @classmethod
+    def from_hf(cls, path):
+        """Read a HF config.json (a file, or the directory holding it)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such config file (a HF model directory needs config.json)")
+        with open(path) as f:
+            try:
+                hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        archs = hf.get("architectures") or []
+        family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+        if family is None:
+            raise ValueError(f"{path}: architectures={archs} is not supported; "
+                             f"supported: {sorted(ARCHITECTURES)}")
+
+        def need(key):
+            if key not in hf:
+                raise ValueError(f"{path}: missing key '{key}'")
+            return hf[key]
+
+        num_heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        max_pos = hf.get("max_position_embeddings", 4096)
+        # Sliding-window attention equals full attention for sequences no longer than the window,
+        # so a model with an active window is served exactly up to the window's length.
+        window = hf.get("sliding_window")
+        if window and hf.get("use_sliding_window", family == "mistral"):
+            max_pos = min(max_pos, window)
+        return cls(
+            family=family,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            num_layers=need("num_hidden_layers"),
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hidden // num_heads,
+            intermediate_size=need("intermediate_size"),
+            rms_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta", 10000.0),
+            rope_scaling=hf.get("rope_scaling"),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            max_position_embeddings=max_pos,
+            attention_bias=family == "qwen2" or hf.get("attention_bias", False),
+            qk_norm=family == "qwen3",
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+    def to_hf(self, dtype=torch.float32):
+        """The config.json that HF transformers and vLLM read for this model."""
+        arch = {v: k for k, v in ARCHITECTURES.items()}[self.family]
+        hf = {
+            "architectures": [arch],
+            "model_type": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "use_cache": True,
+        }
+        if self.family == "llama":
+            hf["attention_bias"] = self.attention_bias
+            hf["mlp_bias"] = False
+        if self.family in ("qwen2", "qwen3"):
+            hf["use_sliding_window"] = False
+            hf["sliding_window"] = None
+        if self.family == "qwen3":
+            hf["attention_bias"] = False
+        if self.family == "mistral":
+            hf["sliding_window"] = None
+        return hf
+
+
+# Named configs for models trained from scratch (the embedded default and test sizes).
+TINY_CONFIGS = {
+    "tiny": ModelConfig(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                        head_dim=64, intermediate_size=704, max_position_embeddings=2048),
+    "micro": ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=16, intermediate_size=128, max_position_embeddings=1024),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# rotary embedding
+
+def rope_inv_freq(cfg: ModelConfig):
+    """Per-pair inverse frequencies after rope_scaling, and the attention factor yarn scales by."""
+    d = cfg.head_dim
+    pairs = torch.arange(0, d, 2, dtype=torch.float64, device="cpu")
+    inv_freq = 1.0 / cfg.rope_theta ** (pairs / d)  # (D/2,)
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv_freq.float(), 1.0
+    if kind == "linear":  # positions divided by factor
+        return (inv_freq / rs["factor"]).float(), 1.0
+    if kind == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, a smooth blend in between.
+        factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        out = torch.where(wavelen > old_len / low, inv_freq / factor, blended)
+        out = torch.where(wavelen < old_len / high, inv_freq, out)
+        return out.float(), 1.0
+    if kind == "yarn":
+        # NTK-by-parts: dimensions that rotate fewer than beta_slow times over the original context
+        # are interpolated (/factor), those rotating more than beta_fast times are kept, a linear
+        # ramp in between; cos/sin are scaled by 0.1*ln(factor)+1.
+        factor = rs["factor"]
+        old_len = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
+        beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
+
+        def dim_of(rotations):  # the pair index that completes `rotations` turns over old_len
+            return d * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+        lo = max(math.floor(dim_of(beta_fast)), 0)
+        hi = min(math.ceil(dim_of(beta_slow)), d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float64, device="cpu") - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+        keep = 1 - ramp
+        out = inv_freq / factor * (1 - keep) + inv_freq * keep
+        attn_factor = rs.get("attention_factor") or 0.1 * math.log(factor) + 1.0
+        return out.float(), attn_factor
+    raise ValueError(f"rope_scaling type '{kind}' is not supported (default, linear, llama3, yarn)")
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (i, i + D/2) of x (B, T, H, D) by the angles whose cos/sin are (B, T, 1, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# the network
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_eps)
+
+    def forward(self, x, cos, sin, mask, kv):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # paged KV cache of the rollout engine: packed tokens, B == 1
+            y = kv.attend(self.layer_idx, q[0], k[0], v[0]).unsqueeze(0)  # (1, T, nh, hd)
+        else:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, nh|nkv, T, hd)
+                attn_mask=mask, is_causal=mask is None, enable_gqa=self.nkv != self.nh,
+            ).transpose(1, 2)  # (B, T, nh, hd)
+        return self.o_proj(y.reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # fp32 RoPE frequencies, kept out of the state dict and of .to(dtype): bf16 angles are wrong.
+        self.inv_freq, self.rope_attn_factor = rope_inv_freq(cfg)
+        self.gradient_checkpointing = False  # recompute each block in backward (saves activations)
+
+    def init_weights(self, seed=0, std=0.02):
+        """Fresh random weights for a from-scratch model (normal(0, std) matrices, unit norms)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def hidden(self, input_ids, position_ids=None, kv=None):
+        """Final-normed hidden states (B, T, C). Without position_ids: one sequence per row, causal.
+        With position_ids that restart at 0, each restart opens a new sequence that cannot see the
+        tokens before it (packed training rows). With kv: the engine's paged cache does attention."""
+        B, T = input_ids.shape
+        mask = None
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        elif kv is None:
+            seg = (position_ids == 0).cumsum(-1)  # (B, T) sequence index inside the row
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            mask = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T, T)
+            mask = mask[:, None]  # (B, 1, T, T), broadcast over heads
+        if self.inv_freq.device != input_ids.device:
+            self.inv_freq = self.inv_freq.to(input_ids.device)
+        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        cos = (angles.cos() * self.rope_attn_factor)[:, :, None, :]  # (B, T, 1, hd/2)
+        sin = (angles.sin() * self.rope_attn_factor)[:, :, None, :]
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        for block in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, kv, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, kv)
+        return self.norm(x)
+
+    def forward(self, input_ids, position_ids=None, kv=None):
+        return self.lm_head(self.hidden(input_ids, position_ids, kv))  # (B, T, V)
+
+    def token_logprobs(self, input_ids, target_ids, position_ids, temperature=1.0, chunk_size=1024,
+                       return_entropy=False):
+        """log p(target_ids[b, t] | tokens <= t of the same sequence), shape (B, T), for packed rows
+        (see `hidden`). The LM head runs on `chunk_size` tokens at a time under activation
+        checkpointing, so no (B*T, V) fp32 logits tensor ever exists, forward or backward.
+        With return_entropy, also the (detached) entropy of each position's distribution."""
+        h = self.hidden(input_ids, position_ids).flatten(0, 1)  # (B*T, C)
+        targets = target_ids.flatten()  # (B*T,)
+        logps, ents = [], []
+        for s in range(0, h.shape[0], chunk_size):
+            args = (h[s:s + chunk_size], targets[s:s + chunk_size], temperature, return_entropy)
+            if torch.is_grad_enabled():
+                lp, ent = checkpoint(self._chunk_logprobs, *args, use_reentrant=False)
+            else:
+                lp, ent = self._chunk_logprobs(*args)
+            logps.append(lp)
+            ents.append(ent)
+        logp = torch.cat(logps).view(target_ids.shape)
+        if return_entropy:
+            return logp, torch.cat(ents).view(target_ids.shape)
+        return logp
+
+    def _chunk_logprobs(self, h, targets, temperature, with_entropy):
+        logits = self.lm_head(h).float() / temperature  # (n, V)
+        logz = logits.logsumexp(-1)  # (n,)
+        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
+        ent = torch.zeros_like(logz)
+        if with_entropy:
+            with torch.no_grad():
+                p = (logits - logz[:, None]).exp()
+                ent = logz - (p * logits).sum(-1)  # H = log Z - E_p[logit]
+        return logp, ent
+
+    # ----------------------------------------------------------------------------------------
+    # checkpoints in HF format
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu"):
+        """Load a HF model directory (config.json + model.safetensors, or shards listed in
+        model.safetensors.index.json). Tensors go straight to `dtype` on `device`, one at a time;
+        the model is built on the meta device, so no full fp32 copy is ever made."""
+        from safetensors import safe_open
+
+        cfg = ModelConfig.from_hf(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {hf_name(n): p for n, p in model.named_parameters()}  # tied head appears once
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(single):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        state = {}
+        for fname in files:
+            fpath = os.path.join(path, fname)
+            if not os.path.isfile(fpath):
+                raise FileNotFoundError(f"{fpath}: weight file listed in the index is missing")
+            with safe_open(fpath, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue  # some exports save the RoPE buffer; we recompute it
+                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue  # tied: the embedding is the head
+                    if key not in expected:
+                        raise ValueError(f"{fpath}: unexpected weight '{key}' for a {cfg.family} model")
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != tuple(expected[key].shape):
+                        raise ValueError(f"{fpath}: weight '{key}' has shape {tuple(t.shape)}, "
+                                         f"config.json implies {tuple(expected[key].shape)}")
+                    state[our_name(key)] = t.to(device=device, dtype=dtype)
+        missing = sorted(k for k in expected if our_name(k) not in state)
+        if missing:
+            raise ValueError(f"{path}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        model.load_state_dict(state, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Write config.json + safetensors (sharded with an index above max_shard_bytes)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        params = dict(self.named_parameters())  # a tied head is listed once, as the embedding
+        tensors = {hf_name(n): p.detach().cpu().contiguous() for n, p in params.items()}
+        dtype = next(iter(tensors.values())).dtype
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.config.to_hf(dtype), f, indent=2)
+        shards, size = [{}], 0
+        for k, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = t
+            size += nbytes
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata=meta)
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, fname), metadata=meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+def hf_name(name):
+    """Our parameter name -> the HF checkpoint key."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def our_name(key):
+    return key.removeprefix("model.")
+
+
+def build_model(name_or_path, dtype=torch.float32, device="cpu", seed=0):
+    """A checkpoint directory, or the name of a tiny from-scratch config (fresh random weights)."""
+    if name_or_path in TINY_CONFIGS:
+        cfg = replace(TINY_CONFIGS[name_or_path])
+        return Transformer(cfg).init_weights(seed).to(device=device, dtype=dtype)
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"model '{name_or_path}' is neither a checkpoint directory nor one of "
+                                f"the tiny configs {sorted(TINY_CONFIGS)}")
+    return Transformer.from_pretrained(name_or_path, dtype=dtype, device=device)

@@ -1,0 +1,255 @@
+"""model.py: logits against an independent reference, HF checkpoints, packed log-probs, bad input."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from model import ModelConfig, Transformer, build_model, rope_inv_freq
+
+FAMILIES = {
+    "llama": dict(family="llama", tie_word_embeddings=False),
+    "mistral": dict(family="mistral", tie_word_embeddings=False),
+    "qwen2": dict(family="qwen2", attention_bias=True, tie_word_embeddings=True),
+    "qwen3": dict(family="qwen3", qk_norm=True, tie_word_embeddings=True, head_dim=24),
+}
+
+
+def tiny_config(family, **kw):
+    base = dict(vocab_size=97, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12,
+                intermediate_size=80, rope_theta=500.0, rms_eps=1e-5, max_position_embeddings=128)
+    base.update(FAMILIES[family])
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def random_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():  # non-trivial norms and biases so that every parameter matters
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model.eval()
+
+
+# -- an independent reference: plain loops over heads and positions on the HF-named weights --------
+
+def reference_logits(sd, cfg, ids):
+    """Straightforward re-implementation on the HF key names (ids: list[int], one sequence)."""
+    W = lambda k: sd[k].double()
+    T, nh, nkv, hd = len(ids), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def rms(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.rms_eps) * w
+
+    inv, scale_attn = rope_inv_freq(cfg)
+
+    def rope(vec, pos):  # vec (hd,): pair i is (vec[i], vec[i + hd/2])
+        out = vec.clone()
+        for i in range(hd // 2):
+            a = pos * inv[i].double()
+            c, s = math.cos(a) * scale_attn, math.sin(a) * scale_attn
+            out[i] = vec[i] * c - vec[i + hd // 2] * s
+            out[i + hd // 2] = vec[i + hd // 2] * c + vec[i] * s
+        return out
+
+    x = W("model.embed_tokens.weight")[ids]  # (T, C)
+    for l in range(cfg.num_layers):
+        p = f"model.layers.{l}."
+        h = rms(x, W(p + "input_layernorm.weight"))
+
+        def proj(name):
+            y = h @ W(p + f"self_attn.{name}.weight").T
+            if cfg.attention_bias:
+                y = y + W(p + f"self_attn.{name}.bias")
+            return y
+
+        q = proj("q_proj").view(T, nh, hd)
+        k = proj("k_proj").view(T, nkv, hd)
+        v = proj("v_proj").view(T, nkv, hd)
+        if cfg.qk_norm:
+            q = rms(q, W(p + "self_attn.q_norm.weight"))
+            k = rms(k, W(p + "self_attn.k_norm.weight"))
+        out = torch.zeros(T, nh, hd, dtype=torch.float64)
+        for head in range(nh):
+            kvh = head // (nh // nkv)
+            for t in range(T):
+                qt = rope(q[t, head], t)
+                scores = torch.stack([rope(k[s, kvh], s) @ qt for s in range(t + 1)]) / math.sqrt(hd)
+                w = torch.softmax(scores, 0)
+                out[t, head] = (w[:, None] * v[: t + 1, kvh]).sum(0)
+        x = x + out.view(T, nh * hd) @ W(p + "self_attn.o_proj.weight").T
+        h = rms(x, W(p + "post_attention_layernorm.weight"))
+        gate = h @ W(p + "mlp.gate_proj.weight").T
+        x = x + (gate * torch.sigmoid(gate) * (h @ W(p + "mlp.up_proj.weight").T)) @ W(p + "mlp.down_proj.weight").T
+    x = rms(x, W("model.norm.weight"))
+    head = sd["model.embed_tokens.weight"] if cfg.tie_word_embeddings else sd["lm_head.weight"]
+    return x @ head.double().T
+
+
+def hf_state_dict(model):
+    from model import hf_name
+    return {hf_name(n): p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_independent_reference(family):
+    cfg = tiny_config(family)
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(ids)
+    for b in range(2):
+        ref = reference_logits(hf_state_dict(model), cfg, ids[b].tolist())
+        assert (logits[b].double() - ref).abs().max() < 1e-4
+
+
+ROPE_SCALINGS = [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+]
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS)
+def test_rope_scaling_matches_reference(scaling):
+    cfg = tiny_config("llama", rope_scaling=scaling)
+    model = random_model(cfg)
+    ids = torch.arange(11)[None] % cfg.vocab_size
+    with torch.no_grad():
+        logits = model(ids)
+    ref = reference_logits(hf_state_dict(model), cfg, ids[0].tolist())
+    assert (logits[0].double() - ref).abs().max() < 1e-4
+    # and the scaling really changed the frequencies
+    assert not torch.allclose(rope_inv_freq(cfg)[0], rope_inv_freq(tiny_config("llama"))[0])
+
+
+@pytest.mark.parametrize("family, scaling", [(f, None) for f in FAMILIES] + [("llama", s) for s in ROPE_SCALINGS])
+def test_matches_hf_transformers_when_installed(family, scaling, tmp_path):
+    # transformers is optional: this is an extra, independent check where it is installed
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_config(family, rope_scaling=scaling)
+    model = random_model(cfg)
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_save_load_round_trip_is_bit_exact(family, tmp_path):
+    model = random_model(tiny_config(family)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    assert os.listdir(tmp_path) and json.load(open(tmp_path / "config.json"))["torch_dtype"] == "bfloat16"
+    loaded = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert loaded.config == model.config
+    if model.config.tie_word_embeddings:
+        assert loaded.lm_head.weight is loaded.embed_tokens.weight
+
+
+def test_sharded_checkpoint_loads_in_target_dtype(tmp_path):
+    model = random_model(tiny_config("llama"))
+    model.save_pretrained(tmp_path, max_shard_bytes=20_000)
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2 and all((tmp_path / s).exists() for s in shards)
+    loaded = Transformer.from_pretrained(tmp_path, dtype=torch.float16)
+    assert all(p.dtype == torch.float16 for p in loaded.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.half(), loaded.state_dict()[k])
+
+
+def test_packed_logprobs_equal_each_sequence_alone():
+    cfg = tiny_config("qwen3")
+    model = random_model(cfg)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (5, 1, 8)]
+    ids = torch.cat(seqs)[None]  # (1, 14): three conversations in one row
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    targets = torch.randint(0, cfg.vocab_size, ids.shape, generator=g)
+    packed, ent = model.token_logprobs(ids, targets, pos, temperature=0.7, chunk_size=4, return_entropy=True)
+    start = 0
+    with torch.no_grad():
+        for s in seqs:
+            logits = model(s[None])[0].double() / 0.7
+            lp = torch.log_softmax(logits, -1)
+            tgt = targets[0, start:start + len(s)]
+            want = lp.gather(-1, tgt[:, None]).squeeze(-1)
+            assert (packed[0, start:start + len(s)].double() - want).abs().max() < 1e-5
+            want_ent = -(lp.exp() * lp).sum(-1)
+            assert (ent[0, start:start + len(s)].double() - want_ent).abs().max() < 1e-5
+            start += len(s)
+
+
+def test_logprob_gradients_flow_with_chunking_and_checkpointing():
+    cfg = tiny_config("llama")
+    ids = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    grads = []
+    for chunk, ckpt in ((1024, False), (3, True)):
+        model = random_model(cfg)
+        model.gradient_checkpointing = ckpt
+        model.token_logprobs(ids, ids.roll(-1, 1), pos, chunk_size=chunk).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_build_model_tiny_and_unknown():
+    model = build_model("micro")
+    assert model.num_params() > 0 and model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 512)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        build_model("nope")
+
+
+# -- bad input: errors name the file and the key ------------------------------------------------
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_missing_config_key(tmp_path):
+    random_model(tiny_config("llama")).save_pretrained(tmp_path)
+    hf = json.load(open(tmp_path / "config.json"))
+    del hf["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="intermediate_size"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_missing_weight_file(tmp_path):
+    random_model(tiny_config("llama")).save_pretrained(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_missing_and_misshapen_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+    random_model(tiny_config("llama")).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    sd = load_file(path)
+    bad = dict(sd)
+    del bad["model.layers.1.mlp.up_proj.weight"]
+    save_file(bad, path)
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
+        Transformer.from_pretrained(tmp_path)
+    bad = dict(sd)
+    bad["model.norm.weight"] = torch.ones(7)
+    save_file(bad, path)
+    with pytest.raises(ValueError, match=r"model.norm.weight.*\(7,\)"):
+        Transformer.from_pretrained(tmp_path)
