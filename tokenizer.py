@@ -1,0 +1,198 @@
+"""Tokenizers and chat templates.
+
+`load_tokenizer(path)` returns a `Tokenizer` over either a sentencepiece `tokenizer.model`
+(Llama-2, Mistral, TinyLlama, our tiny models) or a HF `tokenizer.json` (Qwen2/2.5/3, Llama-3,
+through the optional `tokenizers` package). Chat templates are built token by token: special
+tokens go in by id and only the text between them is encoded, which is what HF's tokenizers do
+with a rendered template, so the ids match while user text can never forge a special token.
+"""
+import json
+import os
+import re
+
+TEMPLATES = ("chatml", "llama2", "llama3", "plain")
+
+
+class Tokenizer:
+    """encode/decode, special ids and the chat template, over one of two backends."""
+
+    def __init__(self, path, chat_template=None):
+        self.path = path
+        model_dir = path if os.path.isdir(path) else os.path.dirname(path)
+        file = path
+        if os.path.isdir(path):
+            for name in ("tokenizer.json", "tokenizer.model"):
+                if os.path.isfile(os.path.join(path, name)):
+                    file = os.path.join(path, name)
+                    break
+            else:
+                raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: no such tokenizer file")
+        config = {}
+        config_path = os.path.join(model_dir, "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+
+        if file.endswith(".model"):
+            import sentencepiece as spm
+            self.sp = spm.SentencePieceProcessor()
+            try:
+                self.sp.Load(file)
+            except (OSError, RuntimeError) as e:
+                raise ValueError(f"{file}: not a sentencepiece model ({e})") from None
+            self.hf = None
+            self.vocab_size = self.sp.GetPieceSize()
+            self.special = {self.sp.IdToPiece(i): i for i in range(self.vocab_size)
+                            if self.sp.IsControl(i) or self.sp.IsUnknown(i)}
+            self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+            self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+            self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        elif file.endswith(".json"):
+            try:
+                from tokenizers import Tokenizer as HFTokenizer
+            except ImportError:
+                raise ImportError(f"{file}: reading tokenizer.json needs the optional package "
+                                  "'tokenizers' (pip install tokenizers)") from None
+            try:
+                self.hf = HFTokenizer.from_file(file)
+            except Exception as e:  # the Rust library raises its own exception type
+                raise ValueError(f"{file}: not a HF tokenizer.json ({e})") from None
+            self.hf.encode_special_tokens = True  # '<|im_end|>' inside user text stays text
+            self.sp = None
+            self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+            self.special = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+            self.bos_id = self._config_token(config, "bos_token")
+            self.eos_id = self._config_token(config, "eos_token")
+            self.pad_id = self._config_token(config, "pad_token")
+            if self.pad_id is None:
+                self.pad_id = self.eos_id
+        else:
+            raise ValueError(f"{file}: unknown tokenizer kind (expected tokenizer.model or tokenizer.json)")
+
+        jinja = config.get("chat_template") or ""
+        if isinstance(jinja, list):  # some checkpoints ship several named templates
+            jinja = next((t["template"] for t in jinja if t.get("name") == "default"), "")
+        self.template = chat_template or guess_template(jinja, self)
+        if self.template not in TEMPLATES:
+            raise ValueError(f"chat_template '{self.template}' is not one of {TEMPLATES}")
+        self.default_system = default_system_prompt(jinja)
+        # The token that closes an assistant turn: generation stops there as well as at EOS.
+        end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.template)
+        self.stop_ids = sorted({i for i in (self.eos_id, self.special.get(end)) if i is not None})
+
+    def _config_token(self, config, key):
+        tok = config.get(key)
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        if tok is None:
+            return None
+        i = self.hf.token_to_id(tok)
+        if i is None:
+            raise ValueError(f"{self.path}: tokenizer_config.json {key}='{tok}' is not in the vocabulary")
+        return i
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids: no BOS/EOS added, special-token strings stay text."""
+        if self.sp is not None:
+            return self.sp.EncodeAsIds(text)
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        """Ids to text, special tokens dropped."""
+        special = set(self.special.values())
+        ids = [i for i in ids if i not in special]
+        if self.sp is not None:
+            return self.sp.DecodeIds(ids)
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        """The id of a special token such as '<|im_end|>'."""
+        if token not in self.special:
+            raise KeyError(f"{self.path}: no special token '{token}'")
+        return self.special[token]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True) -> list[int]:
+        """messages: [{"role": "system"|"user"|"assistant", "content": str}] -> prompt ids."""
+        if self.default_system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.default_system}] + list(messages)
+        sp, enc = self.token_id, self.encode
+        ids = []
+        if self.template == "chatml":
+            for m in messages:
+                ids += [sp("<|im_start|>")] + enc(f"{m['role']}\n{m['content']}") + [sp("<|im_end|>")] + enc("\n")
+            if add_generation_prompt:
+                ids += [sp("<|im_start|>")] + enc("assistant\n")
+        elif self.template == "llama3":
+            ids.append(sp("<|begin_of_text|>"))
+            for m in messages:
+                ids += [sp("<|start_header_id|>")] + enc(m["role"]) + [sp("<|end_header_id|>")]
+                ids += enc("\n\n" + m["content"].strip()) + [sp("<|eot_id|>")]
+            if add_generation_prompt:
+                ids += [sp("<|start_header_id|>")] + enc("assistant") + [sp("<|end_header_id|>")] + enc("\n\n")
+        elif self.template == "llama2":
+            # <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>
+            system = ""
+            if messages and messages[0]["role"] == "system":
+                system = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n"
+                messages = messages[1:]
+            for m in messages:
+                if m["role"] == "user":
+                    ids += [self.bos_id] + enc(f"[INST] {system}{m['content'].strip()} [/INST]")
+                    system = ""
+                else:
+                    ids += enc(f" {m['content'].strip()} ") + [self.eos_id]
+        else:  # plain: for tiny models trained by this project
+            for m in messages:
+                ids += enc(f"<{m['role']}>\n{m['content']}\n")
+                if m["role"] == "assistant":
+                    ids.append(self.eos_id)
+            if add_generation_prompt:
+                ids += enc("<assistant>\n")
+            if self.bos_id is not None:
+                ids = [self.bos_id] + ids
+        return ids
+
+
+def guess_template(jinja: str, tok: Tokenizer) -> str:
+    """Pick the chat format from the checkpoint's own template, else from its special tokens."""
+    for marker, name in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("[INST]", "llama2")):
+        if marker in jinja or (not jinja and marker in tok.special):
+            return name
+    return "plain"
+
+
+def default_system_prompt(jinja: str):
+    """A system message the checkpoint's template inserts when the conversation has none (Qwen2.5's
+    'You are Qwen, ...'; Llama-3.1's knowledge-cutoff header). We insert the same text so prompts
+    match the ones the model was tuned on, token for token."""
+    m = re.search(r"<\|im_start\|>system\\n([^'\"{}+]+?)<\|im_end\|>", jinja)
+    if m:
+        return m.group(1)
+    if "Cutting Knowledge Date: December 2023" in jinja:
+        return "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    return None
+
+
+def load_tokenizer(path, chat_template=None) -> Tokenizer:
+    """A tokenizer file (tokenizer.model / tokenizer.json) or a checkpoint directory holding one."""
+    return Tokenizer(str(path), chat_template)
+
+
+def train_sentencepiece(corpus_iter, vocab_size, path):
+    """Train a small BPE sentencepiece model on an iterator of text lines and write it to `path`
+    (a tokenizer.model file). Digits are split one per token, which keeps numbers copyable for a
+    tiny model; byte fallback means no text is ever unknown."""
+    import sentencepiece as spm
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=iter(corpus_iter), model_writer=f, vocab_size=vocab_size,
+            model_type="bpe", character_coverage=1.0, byte_fallback=True, split_digits=True,
+            user_defined_symbols=["\n"],  # newlines structure documents: keep them one token
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=2, minloglevel=2,
+            max_sentence_length=16384, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        )
+    return load_tokenizer(path)
