@@ -114,23 +114,34 @@ class Tokenizer:
         return self.special[token]
 
     def apply_chat_template(self, messages, add_generation_prompt=True) -> list[int]:
-        """messages: [{"role": "system"|"user"|"assistant", "content": str}] -> prompt ids."""
+        """messages: [{"role": "system"|"user"|"assistant", "content": str}] -> prompt ids.
+        A content may also be a list of token ids, spliced in as is (the memory agent builds its
+        turns this way, so nothing is decoded and re-encoded between turns)."""
         if self.default_system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.default_system}] + list(messages)
-        sp, enc = self.token_id, self.encode
+        sp = self.token_id
+
+        def text(before, content, after=""):  # encode before + content + after as one piece of text
+            if isinstance(content, str):
+                return self.encode(before + content + after)
+            return self.encode(before) + list(content) + (self.encode(after) if after else [])
+
         ids = []
         if self.template == "chatml":
             for m in messages:
-                ids += [sp("<|im_start|>")] + enc(f"{m['role']}\n{m['content']}") + [sp("<|im_end|>")] + enc("\n")
+                ids += [sp("<|im_start|>")] + text(f"{m['role']}\n", m["content"]) + [sp("<|im_end|>")]
+                ids += self.encode("\n")
             if add_generation_prompt:
-                ids += [sp("<|im_start|>")] + enc("assistant\n")
+                ids += [sp("<|im_start|>")] + self.encode("assistant\n")
         elif self.template == "llama3":
             ids.append(sp("<|begin_of_text|>"))
             for m in messages:
-                ids += [sp("<|start_header_id|>")] + enc(m["role"]) + [sp("<|end_header_id|>")]
-                ids += enc("\n\n" + m["content"].strip()) + [sp("<|eot_id|>")]
+                content = m["content"].strip() if isinstance(m["content"], str) else m["content"]
+                ids += [sp("<|start_header_id|>")] + self.encode(m["role"]) + [sp("<|end_header_id|>")]
+                ids += text("\n\n", content) + [sp("<|eot_id|>")]
             if add_generation_prompt:
-                ids += [sp("<|start_header_id|>")] + enc("assistant") + [sp("<|end_header_id|>")] + enc("\n\n")
+                ids += [sp("<|start_header_id|>")] + self.encode("assistant") + [sp("<|end_header_id|>")]
+                ids += self.encode("\n\n")
         elif self.template == "llama2":
             # <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>
             system = ""
@@ -138,18 +149,19 @@ class Tokenizer:
                 system = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n"
                 messages = messages[1:]
             for m in messages:
+                content = m["content"].strip() if isinstance(m["content"], str) else m["content"]
                 if m["role"] == "user":
-                    ids += [self.bos_id] + enc(f"[INST] {system}{m['content'].strip()} [/INST]")
+                    ids += [self.bos_id] + text(f"[INST] {system}", content, " [/INST]")
                     system = ""
                 else:
-                    ids += enc(f" {m['content'].strip()} ") + [self.eos_id]
+                    ids += text(" ", content, " ") + [self.eos_id]
         else:  # plain: for tiny models trained by this project
             for m in messages:
-                ids += enc(f"<{m['role']}>\n{m['content']}\n")
+                ids += text(f"<{m['role']}>\n", m["content"], "\n")
                 if m["role"] == "assistant":
                     ids.append(self.eos_id)
             if add_generation_prompt:
-                ids += enc("<assistant>\n")
+                ids += self.encode("<assistant>\n")
             if self.bos_id is not None:
                 ids = [self.bos_id] + ids
         return ids
@@ -194,5 +206,6 @@ def train_sentencepiece(corpus_iter, vocab_size, path):
             user_defined_symbols=["\n"],  # newlines structure documents: keep them one token
             pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=2, minloglevel=2,
             max_sentence_length=16384, remove_extra_whitespaces=False, normalization_rule_name="identity",
+            add_dummy_prefix=False,  # pieces encoded separately concatenate like running text
         )
     return load_tokenizer(path)

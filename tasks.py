@@ -1,0 +1,508 @@
+"""
+Data for the memory agent: RULER-style synthetic tasks fitted to a token length, the
+RULER-HotpotQA multi-document builder, a JSONL loader, and the scorers.
+
+A Sample's document is either a str or a zero-argument callable returning a fresh iterator of
+text pieces, so a 3.5M-token document is never one string. Each piece is self-contained and
+carries its separator in front (" sentence", "\n\nDocument 7: ..."; the first piece has none):
+a BPE tokenizer then sees " word" as it does in running text, and the document's token ids are
+the concatenation of tokenizer.encode(piece) over the pieces. Synthetic documents are fitted so
+that this count never exceeds the target and falls short by less than one filler piece (fwe: by
+less than one step of its word counts).
+
+meta holds task, length (target tokens; documents for hotpotqa), scorer (a SCORERS name) and, for
+the synthetic tasks, doc_tokens (the exact count) and needles: one record per needle sentence,
+{text, offset, tokens, relevant, depth}, in tokens of the generating tokenizer; depth (of the first
+relevant needle) is a fraction of the document.
+"""
+
+import json
+import re
+import string
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import chain, cycle, islice
+from typing import Callable, Iterator, Union
+
+import numpy as np
+
+
+@dataclass
+class Sample:
+    id: str
+    question: str
+    document: Union[str, Callable[[], Iterator[str]]]
+    answers: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+def document_pieces(sample: Sample) -> Iterator[str]:
+    doc = sample.document
+    return iter([doc]) if isinstance(doc, str) else doc()
+
+
+def document_text(sample: Sample) -> str:
+    return "".join(document_pieces(sample))
+
+
+def parse_length(length: Union[int, str]) -> int:
+    """'8k' -> 8192, '1m' -> 1048576, '3.5m' -> int(3.5 * 2**20); plain ints pass through."""
+    if isinstance(length, int) and not isinstance(length, bool):
+        n = length
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([km]?)\s*", str(length).lower())
+        if m is None:
+            raise ValueError(f"bad length {length!r}: expected e.g. 8192, '8k', '128k', '3.5m'")
+        n = int(float(m[1]) * {"": 1, "k": 1 << 10, "m": 1 << 20}[m[2]])
+    if n <= 0:
+        raise ValueError(f"bad length {length!r}: must be positive")
+    return n
+
+
+# -----------------------------------------------------------------------------
+# words the generators are built from (the project's own; none of them is a key word)
+
+NOISE = [
+    "The river keeps moving past the old stone mill.",
+    "A small boat rests on the sand near the dock.",
+    "Wind brushes the tall grass along the hill.",
+    "The baker warms the oven before the town wakes up.",
+    "Clouds drift slowly over the quiet fields.",
+    "A dog naps in the shade beside the gate.",
+    "Someone hums a tune while sweeping the porch.",
+    "The lamp in the window glows until morning.",
+]
+ADJECTIVES = ("amber bold brisk calm clever crisp dusty eager faint fancy gentle golden hollow "
+              "humble icy jolly lively lucky misty narrow noble plain proud rapid rusty shiny "
+              "silent steady sunny tidy wild brave").split()
+NOUNS = ("anchor badger basket beacon bucket candle canyon cellar comet falcon fiddle garden "
+         "harbor helmet island kettle ladder lantern meadow mirror orchard pebble pillow rocket "
+         "saddle signal thistle tunnel valley wagon willow zipper").split()
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+SEP = " "
+
+
+def _rng(task: str, seed: int, index: int) -> np.random.Generator:
+    # the target length is not part of the seed: sample i asks the same question at every length
+    return np.random.default_rng([zlib.crc32(task.encode()), seed, index])
+
+
+def _spell(code: int, syllables: int) -> str:
+    return "".join(SYLLABLES[code // len(SYLLABLES) ** j % len(SYLLABLES)] for j in range(syllables))
+
+
+def _numbers(rng: np.random.Generator, n: int, digits: int) -> list[str]:
+    low = 10 ** (digits - 1)
+    return [str(low + int(x)) for x in rng.choice(9 * low, size=n, replace=False)]
+
+
+def _token_counter(tokenizer) -> Callable[[str], int]:
+    # filler repeats a few hundred distinct pieces at most: encode each once
+    cache: dict[str, int] = {}
+
+    def count(piece: str) -> int:
+        n = cache.get(piece)
+        if n is None:
+            n = cache[piece] = len(tokenizer.encode(piece))
+        return n
+    return count
+
+
+# -----------------------------------------------------------------------------
+# haystacks: zero-argument callables returning an endless, deterministic stream of pieces
+
+def _noise_haystack() -> Callable[[], Iterator[str]]:
+    spaced = [SEP + s for s in NOISE]
+    return lambda: chain([NOISE[0]], islice(cycle(spaced), 1, None))
+
+
+def _word_haystack(rng: np.random.Generator) -> Callable[[], Iterator[str]]:
+    # a pool of generated lines drawn at random: reads as random words, yet a 3.5M-token
+    # document has only a few hundred distinct pieces to encode when fitting its length
+    pool = []
+    for _ in range(256):
+        words = [_spell(int(rng.integers(len(SYLLABLES) ** 3)), int(rng.integers(1, 4)))
+                 for _ in range(int(rng.integers(8, 13)))]
+        pool.append(" ".join(words).capitalize() + ".")
+    spaced = [SEP + s for s in pool]
+    seed = int(rng.integers(2 ** 63))
+
+    def stream():
+        r = np.random.default_rng(seed)
+        yield pool[int(r.integers(len(pool)))]
+        while True:
+            yield from (spaced[j] for j in r.integers(len(pool), size=4096).tolist())
+    return stream
+
+
+# -----------------------------------------------------------------------------
+# synthetic tasks
+
+def _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles, relevant,
+                   question, answers, ordered=False) -> Sample:
+    """Place `needles` at seeded uniform depths in `haystack`, fitted to `length` tokens.
+
+    Needles sit after filler piece k, k in 1..n, so the first piece is always the same filler
+    and every piece's token count is known before placement: the fit is exact, not estimated.
+    `ordered` keeps the needles in list order through the document (a chain of assignments).
+    """
+    target = parse_length(length)
+    count = _token_counter(tokenizer)
+    needle_tokens = [count(SEP + s) for s in needles]
+    budget = target - sum(needle_tokens)
+    cum = [0]  # cum[i] = tokens of the first i filler pieces
+    for piece in haystack():
+        c = count(piece)
+        if cum[-1] + c > budget:
+            break
+        cum.append(cum[-1] + c)
+    n = len(cum) - 1
+    if n == 0:
+        raise ValueError(f"{task}: length {target} is too short for its needles and filler")
+    depths = rng.random(len(needles))
+    if ordered:
+        depths.sort()
+    slots = [1 + int(d * n) for d in depths]
+    order = sorted(range(len(needles)), key=lambda j: (slots[j], j))
+    total = cum[n] + sum(needle_tokens)
+    records, before = [None] * len(needles), 0
+    for j in order:
+        offset = cum[slots[j]] + before
+        before += needle_tokens[j]
+        records[j] = dict(text=needles[j], offset=offset, tokens=needle_tokens[j],
+                          relevant=relevant[j], depth=offset / total)
+    placed = [(slots[j], SEP + needles[j]) for j in order]
+
+    def pieces():
+        s = 0
+        for i, piece in enumerate(islice(haystack(), n)):
+            yield piece
+            while s < len(placed) and placed[s][0] == i + 1:
+                yield placed[s][1]
+                s += 1
+
+    meta = dict(task=task, length=target, scorer="string_match_all", doc_tokens=total,
+                depth=next(r["depth"] for r in records if r["relevant"]), needles=records,
+                seed=seed, index=index)
+    return Sample(f"{task}-{target}-{seed}-{index}", question, pieces, answers, meta)
+
+
+def _niah(task, length, tokenizer, seed, index, keys=1, values=1, asked=1, words=False):
+    rng = _rng(task, seed, index)
+    picks = rng.choice(len(ADJECTIVES) * len(NOUNS), size=keys, replace=False)
+    names = [f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}" for i in picks]
+    vals = _numbers(rng, keys * values, 7)
+    needles = [f"One of the magic numbers for {names[i // values]} is {v}." for i, v in enumerate(vals)]
+    relevant = [i // values < asked for i in range(len(vals))]
+    if asked > 1:
+        question = f"What are the magic numbers for {', '.join(names[:asked - 1])} and {names[asked - 1]}?"
+    elif values > 1:
+        question = f"What are all the magic numbers for {names[0]}?"
+    else:
+        question = f"What is the magic number for {names[0]}?"
+    haystack = _word_haystack(rng) if words else _noise_haystack()
+    return _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles, relevant,
+                          question, vals[:asked * values])
+
+
+def niah_single(length, tokenizer, seed=0, index=0) -> Sample:
+    return _niah("niah_single", length, tokenizer, seed, index)
+
+
+def niah_single_words(length, tokenizer, seed=0, index=0) -> Sample:
+    return _niah("niah_single_words", length, tokenizer, seed, index, words=True)
+
+
+def niah_multikey(length, tokenizer, seed=0, index=0) -> Sample:
+    return _niah("niah_multikey", length, tokenizer, seed, index, keys=4)
+
+
+def niah_multivalue(length, tokenizer, seed=0, index=0) -> Sample:
+    return _niah("niah_multivalue", length, tokenizer, seed, index, values=4)
+
+
+def niah_multiquery(length, tokenizer, seed=0, index=0) -> Sample:
+    return _niah("niah_multiquery", length, tokenizer, seed, index, keys=4, asked=4)
+
+
+def vt(length, tokenizer, seed=0, index=0) -> Sample:
+    rng = _rng("vt", seed, index)
+    value = _numbers(rng, 1, 5)[0]
+    names = ["".join(chr(65 + int(p) // 26 ** j % 26) for j in range(5))
+             for p in rng.choice(26 ** 5, size=5, replace=False)]
+    needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    question = f"Which variables end up holding the value {value}?"
+    return _needle_sample("vt", length, tokenizer, seed, index, rng, _noise_haystack(), needles,
+                          [True] * 5, question, names, ordered=True)
+
+
+def passkey(length, tokenizer, seed=0, index=0) -> Sample:
+    rng = _rng("passkey", seed, index)
+    key = _numbers(rng, 1, 5)[0]
+    return _needle_sample("passkey", length, tokenizer, seed, index, rng, _noise_haystack(),
+                          [f"The pass key is {key}."], [True], "What is the pass key?", [key])
+
+
+def fwe(length, tokenizer, seed=0, index=0) -> Sample:
+    """Frequent words: word k of the vocabulary appears about N / k**2 times (Zipf, alpha 2);
+    rank 1 is "..." (noise), ranks 2-4 are the answer."""
+    target = parse_length(length)
+    rng = _rng("fwe", seed, index)
+    vocab = 2000
+    codes = rng.choice(len(SYLLABLES) ** 3, size=vocab - 1, replace=False)
+    words = ["..."] + [_spell(int(c), 3) for c in codes]
+    spaced = [SEP + w for w in words]
+    sep_tokens = np.array([len(tokenizer.encode(w)) for w in spaced])
+    raw_tokens = np.array([len(tokenizer.encode(w)) for w in words])
+    p = np.arange(1, vocab + 1, dtype=np.float64) ** -2.0
+    p /= p.sum()
+    # the first word goes without its separator: leave room for the worst case
+    budget = target - max(0, int((raw_tokens - sep_tokens).max()))
+    lo, hi = 0, 2 * (target + vocab)  # tokens(hi) > budget, as every word costs >= 1 token
+    while hi - lo > 1:  # largest word count N whose words fit the budget
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if np.floor(mid * p).astype(np.int64) @ sep_tokens <= budget else (lo, mid)
+    counts = np.floor(lo * p).astype(np.int64)
+    if counts[3] <= counts[4]:
+        raise ValueError(f"fwe: length {target} is too short for three clear most frequent words")
+    perm_seed = int(rng.integers(2 ** 63))
+
+    def order():
+        return np.random.default_rng(perm_seed).permutation(np.repeat(np.arange(vocab), counts))
+
+    def pieces():
+        seq = order()
+        yield words[seq[0]]
+        for block in range(1, len(seq), 1 << 16):
+            yield from (spaced[j] for j in seq[block:block + (1 << 16)].tolist())
+
+    first = int(order()[0])
+    total = int(counts @ sep_tokens) - int(sep_tokens[first]) + int(raw_tokens[first])
+    meta = dict(task="fwe", length=target, scorer="string_match_all", doc_tokens=total,
+                needles=[], seed=seed, index=index)
+    question = "Ignoring the dots, which three coded words occur most often in the text?"
+    return Sample(f"fwe-{target}-{seed}-{index}", question, pieces, words[1:4], meta)
+
+
+TASKS = dict(niah_single=niah_single, niah_single_words=niah_single_words,
+             niah_multikey=niah_multikey, niah_multivalue=niah_multivalue,
+             niah_multiquery=niah_multiquery, vt=vt, fwe=fwe, passkey=passkey)
+
+
+def make_samples(task: str, length, tokenizer, num: int, seed: int = 0) -> list[Sample]:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    return [TASKS[task](length, tokenizer, seed, i) for i in range(num)]
+
+
+def ideal_memory_trace(sample: Sample, chunk_tokens: int) -> list[list[str]]:
+    """For each chunk of `chunk_tokens` tokens, the relevant needles read by the end of it.
+
+    A needle counts once its last token has been read. Offsets are in the tokens of the
+    tokenizer the sample was generated with, and only synthetic needle tasks record needles.
+    """
+    ends = [(r["offset"] + r["tokens"], r["text"]) for r in sample.meta["needles"] if r["relevant"]]
+    ends.sort()
+    num_chunks = -(-sample.meta["doc_tokens"] // chunk_tokens)
+    return [[text for end, text in ends if end <= (c + 1) * chunk_tokens] for c in range(num_chunks)]
+
+
+# -----------------------------------------------------------------------------
+# HotpotQA (the paper's RULER-HotpotQA construction) and JSONL files
+
+def _check_hotpot_item(path, i, item):
+    for key, kind in (("_id", str), ("question", str), ("answer", str),
+                      ("supporting_facts", list), ("context", list)):
+        if not isinstance(item, dict) or key not in item:
+            raise ValueError(f"{path}: item {i} has no {key!r}")
+        if not isinstance(item[key], kind):
+            raise ValueError(f"{path}: item {i} key {key!r} should be a {kind.__name__}")
+    for para in item["context"]:
+        if not (isinstance(para, list) and len(para) == 2 and isinstance(para[0], str)
+                and isinstance(para[1], list) and all(isinstance(s, str) for s in para[1])):
+            raise ValueError(f"{path}: item {i} key 'context' should hold [title, [sentences]] pairs")
+    for fact in item["supporting_facts"]:
+        if not (isinstance(fact, list) and len(fact) == 2 and isinstance(fact[0], str)
+                and isinstance(fact[1], int)):
+            raise ValueError(f"{path}: item {i} key 'supporting_facts' should hold [title, index] pairs")
+
+
+def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0) -> list[Sample]:
+    """Each question's own supporting paragraphs plus seeded distractor paragraphs from the whole
+    file (distinct titles, never a gold one) to `num_docs` documents, shuffled, formatted
+    "Document i:\\n{title}\\n{text}" and joined by blank lines. A question's distractors at a
+    larger num_docs include those at a smaller one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a HotpotQA JSON file ({e})") from e
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of HotpotQA items")
+    titles, texts, seen = [], [], set()
+    for i, item in enumerate(items):
+        _check_hotpot_item(path, i, item)
+        for title, sentences in item["context"]:
+            if title not in seen:
+                seen.add(title)
+                titles.append(title)
+                texts.append("".join(sentences))  # HotpotQA sentences carry their own spaces
+    picks = range(len(items))
+    if num_samples is not None and num_samples < len(items):
+        picks = sorted(np.random.default_rng(seed).choice(len(items), num_samples, replace=False).tolist())
+    return [_hotpot_sample(path, i, items[i], titles, texts, num_docs, seed) for i in picks]
+
+
+def _hotpot_sample(path, i, item, titles, texts, num_docs, seed) -> Sample:
+    context = dict((title, sentences) for title, sentences in item["context"])
+    gold_titles = list(dict.fromkeys(title for title, _ in item["supporting_facts"]))
+    missing = [t for t in gold_titles if t not in context]
+    if missing:
+        raise ValueError(f"{path}: item {i} supporting title {missing[0]!r} is not in its context")
+    gold = [(t, "".join(context[t])) for t in gold_titles]
+    need = num_docs - len(gold)
+    if need < 0:
+        raise ValueError(f"{path}: item {i} has {len(gold)} gold paragraphs, more than num_docs={num_docs}")
+    if len(titles) - len(gold) < need:
+        raise ValueError(f"{path}: {len(titles)} distinct paragraphs, too few for "
+                         f"num_docs={num_docs} ({need} distractors needed besides {len(gold)} gold)")
+    rng = np.random.default_rng([seed, i])
+    gold_set = set(gold_titles)
+    distractors = [j for j in rng.permutation(len(titles)).tolist() if titles[j] not in gold_set][:need]
+    order = rng.permutation(num_docs).tolist()
+
+    def pieces():
+        for n, k in enumerate(order):
+            title, text = gold[k] if k < len(gold) else (titles[distractors[k - len(gold)]],
+                                                          texts[distractors[k - len(gold)]])
+            yield ("\n\n" if n else "") + f"Document {n + 1}:\n{title}\n{text}"
+
+    # the supporting sentences are what an ideal memory keeps; indices past the end are skipped
+    supporting = [context[t][s].strip() for t, s in item["supporting_facts"] if 0 <= s < len(context[t])]
+    meta = dict(task="hotpotqa", length=num_docs, num_docs=num_docs, scorer="sub_em",
+                gold_titles=gold_titles, supporting=supporting, seed=seed, index=i)
+    return Sample(item["_id"], item["question"], pieces, [item["answer"]], meta)
+
+
+def load_jsonl(path, scorer: str = "sub_em") -> list[Sample]:
+    """One sample per line: {"id", "question", "context", "answers"}; blank lines are skipped."""
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e})") from e
+    samples = []
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from e
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object")
+        for key in ("id", "question", "context", "answers"):
+            if key not in rec:
+                raise ValueError(f"{path}:{n}: missing field {key!r}")
+        answers = [rec["answers"]] if isinstance(rec["answers"], str) else rec["answers"]
+        if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
+            raise ValueError(f"{path}:{n}: field 'id' should be a string or an integer")
+        for key in ("question", "context"):
+            if not isinstance(rec[key], str):
+                raise ValueError(f"{path}:{n}: field {key!r} should be a string")
+        if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+            raise ValueError(f"{path}:{n}: field 'answers' should be a string or a non-empty list of strings")
+        meta = dict(task="jsonl", length=None, scorer=scorer, source=str(path), line=n)
+        samples.append(Sample(str(rec["id"]), rec["question"], rec["context"], answers, meta))
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# scorers: score(prediction, answers) -> float in [0, 1]; a None prediction (no answer) scores 0
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower-case, drop ASCII punctuation and articles, collapse spaces."""
+    return " ".join(_ARTICLES.sub(" ", s.lower().translate(_PUNCTUATION)).split())
+
+
+def exact_match(prediction, answers) -> float:
+    if prediction is None:
+        return 0.0
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in answers))
+
+
+def sub_em(prediction, answers) -> float:
+    """Normalised gold inside the prediction or prediction inside the gold (the paper's metric)."""
+    pred = normalize_answer(prediction) if prediction is not None else ""
+    if not pred:
+        return 0.0
+    golds = [g for g in map(normalize_answer, answers) if g]
+    return float(any(g in pred or pred in g for g in golds))
+
+
+def f1(prediction, answers) -> float:
+    if prediction is None:
+        return 0.0
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for a in answers:
+        gold = normalize_answer(a).split()
+        same = sum((Counter(pred) & Counter(gold)).values())
+        if same:
+            precision, recall = same / len(pred), same / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def string_match_all(prediction, answers) -> float:
+    """Fraction of the gold strings found in the prediction, case-insensitive (RULER)."""
+    if prediction is None or not answers:
+        return 0.0
+    pred = prediction.lower()
+    return sum(a.lower() in pred for a in answers) / len(answers)
+
+
+def string_match_part(prediction, answers) -> float:
+    if prediction is None:
+        return 0.0
+    pred = prediction.lower()
+    return float(any(a.lower() in pred for a in answers))
+
+
+_LATEX_COMMAND = re.compile(r"\\[a-zA-Z]+")
+_FORMAT_CHARS = str.maketrans("", "", "\\{}$*_`")
+
+
+def _boxed_norm(s: str) -> str:
+    # "\text{New York}." and "new york" both become "newyork"
+    s = _LATEX_COMMAND.sub("", s.lower()).translate(_FORMAT_CHARS)
+    return "".join(s.split()).strip(".,;:!?'\"")
+
+
+def boxed_em(prediction, answers) -> float:
+    """The training reward: extracted \\boxed{} content equal to any gold alias after
+    lower-casing and dropping whitespace and LaTeX/markdown formatting."""
+    if prediction is None:
+        return 0.0
+    pred = _boxed_norm(prediction)
+    return float(bool(pred) and any(pred == _boxed_norm(a) for a in answers))
+
+
+SCORERS = dict(exact_match=exact_match, sub_em=sub_em, f1=f1, string_match_all=string_match_all,
+               string_match_part=string_match_part, boxed_em=boxed_em)
+
+
+def score(sample: Sample, prediction) -> float:
+    return SCORERS[sample.meta["scorer"]](prediction, sample.answers)
