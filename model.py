@@ -323,7 +323,11 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, kv)
         return self.norm(x)
 
-    def forward(self, input_ids, position_ids=None, kv=None):
+    def forward(self, input_ids, position_ids=None, kv=None, target_ids=None, **logprob_kwargs):
+        """Logits (B, T, V); with target_ids, token_logprobs(...) instead. Training goes through
+        forward so that wrappers that hook it (FSDP's all-gather) see every call."""
+        if target_ids is not None:
+            return self.token_logprobs(input_ids, target_ids, position_ids, **logprob_kwargs)
         return self.lm_head(self.hidden(input_ids, position_ids, kv))  # (B, T, V)
 
     def token_logprobs(self, input_ids, target_ids, position_ids, temperature=1.0, chunk_size=1024,
@@ -408,12 +412,15 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         return model
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write config.json + safetensors (sharded with an index above max_shard_bytes)."""
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, state_dict=None):
+        """Write config.json + safetensors (sharded with an index above max_shard_bytes).
+        state_dict: full tensors by our names, when the module holds shards (FSDP export)."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        params = dict(self.named_parameters())  # a tied head is listed once, as the embedding
+        params = state_dict or dict(self.named_parameters())
+        if self.config.tie_word_embeddings:  # a tied head is stored once, as the embedding
+            params = {n: p for n, p in params.items() if n != "lm_head.weight"}
         tensors = {hf_name(n): p.detach().cpu().contiguous() for n, p in params.items()}
         dtype = next(iter(tensors.values())).dtype
         with open(os.path.join(path, "config.json"), "w") as f:

@@ -81,6 +81,7 @@ class Tokenizer:
         # The token that closes an assistant turn: generation stops there as well as at EOS.
         end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.template)
         self.stop_ids = sorted({i for i in (self.eos_id, self.special.get(end)) if i is not None})
+        self.end_of_turn_id = self.special.get(end, self.eos_id)  # what a trained reply ends with
 
     def _config_token(self, config, key):
         tok = config.get(key)
