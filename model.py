@@ -228,7 +228,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.hd, cfg.rms_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_eps)
 
-    def forward(self, x, cos, sin, mask, kv):
+    def forward(self, x, cos, sin, packing, kv):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)  # (B, T, nh, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)  # (B, T, nkv, hd)
@@ -238,12 +238,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:  # paged KV cache of the rollout engine: packed tokens, B == 1
             y = kv.attend(self.layer_idx, q[0], k[0], v[0]).unsqueeze(0)  # (1, T, nh, hd)
+        elif packing is not None:  # packed rows: attend within each sequence, laid out padded
+            seg, off, S, L = packing
+            pad = lambda t: t.new_zeros(S, L, *t.shape[2:]).index_put((seg, off), t.flatten(0, 1))
+            y = self._causal(pad(q), pad(k), pad(v))[seg, off].view(B, T, self.nh, self.hd)
         else:
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, nh|nkv, T, hd)
-                attn_mask=mask, is_causal=mask is None, enable_gqa=self.nkv != self.nh,
-            ).transpose(1, 2)  # (B, T, nh, hd)
+            y = self._causal(q, k, v)  # (B, T, nh, hd)
         return self.o_proj(y.reshape(B, T, self.nh * self.hd))
+
+    def _causal(self, q, k, v):  # (B, T, nh|nkv, hd) -> (B, T, nh, hd)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, enable_gqa=self.nkv != self.nh).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -265,8 +270,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+    def forward(self, x, cos, sin, packing, kv):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, packing, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -302,14 +307,17 @@ class Transformer(nn.Module):
         With position_ids that restart at 0, each restart opens a new sequence that cannot see the
         tokens before it (packed training rows). With kv: the engine's paged cache does attention."""
         B, T = input_ids.shape
-        mask = None
+        packing = None
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         elif kv is None:
-            seg = (position_ids == 0).cumsum(-1)  # (B, T) sequence index inside the row
-            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-            mask = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T, T)
-            mask = mask[:, None]  # (B, 1, T, T), broadcast over heads
+            # Sequence s of the batch goes to row s of a right-padded (S, L) layout, token at its
+            # position: plain causal attention there never sees another sequence nor the padding,
+            # and costs sum over sequences of L^2 instead of T^2 per row.
+            pos = position_ids.flatten()  # (B*T,)
+            assert bool((position_ids[:, 0] == 0).all()), "each packed row must start a sequence at position 0"
+            seg = (pos == 0).cumsum(0) - 1  # (B*T,) which sequence each token is in
+            packing = (seg, pos, int(seg[-1]) + 1, int(pos.max()) + 1)
         if self.inv_freq.device != input_ids.device:
             self.inv_freq = self.inv_freq.to(input_ids.device)
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
@@ -318,9 +326,9 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for block in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, kv, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, packing, kv, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, kv)
+                x = block(x, cos, sin, packing, kv)
         return self.norm(x)
 
     def forward(self, input_ids, position_ids=None, kv=None, target_ids=None, **logprob_kwargs):
