@@ -337,10 +337,12 @@ def sample(logits, temperature, top_p, top_k, seeds, positions):
         drop |= ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
         scaled = torch.full_like(scaled, -math.inf).scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
     logp = scaled.log_softmax(-1)  # (B, V)
-    counter = _mix32(_mix32(seeds) ^ positions)[:, None] ^ torch.arange(V, device=logits.device)  # (B, V)
-    u = (_mix32(_mix32(counter)).double() + 0.5) / 2.0**32  # uniform in (0, 1)
-    gumbel = -torch.log(-torch.log(u)).float()
-    tokens = torch.where(greedy, logp.argmax(-1), (logp + gumbel).argmax(-1))
+    tokens = logp.argmax(-1)
+    if not bool(greedy.all()):  # Gumbel-max: argmax(logp + g) is a sample from softmax(logp)
+        rows = (~greedy).nonzero().squeeze(-1)
+        counter = _mix32(_mix32(seeds[rows]) ^ positions[rows])[:, None] ^ torch.arange(V, device=logits.device)
+        u = ((_mix32(_mix32(counter)) >> 8).float() + 0.5) / 2.0**24  # 24 random bits: uniform in (0, 1)
+        tokens[rows] = (logp[rows] - torch.log(-torch.log(u))).argmax(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -460,7 +462,7 @@ class Engine:
         ids, pos, slots, last_rows, cu = [], [], [], [], [0]
         for s, n in zip(seqs, counts):
             start = s.num_computed
-            toks = s.tokens[start:start + n] if is_prefill else [s.tokens[-1]]
+            toks = s.tokens[start:start + n] if is_prefill else [s.output[-1] if s.output else s.prompt[-1]]
             ids += toks
             pos += range(start, start + n)
             slots += [s.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]

@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests' tensors are tiny: one thread per process avoids oversubscribing the cores (the
+# 2-process training tests run beside pytest itself), which costs far more than it saves.
+torch.set_num_threads(1)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -1,0 +1,154 @@
+"""train.py: config parsing, SFT and RL steps, exact resume, a learning signal, 2-process runs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from train import Trainer, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model=micro", "--data.tasks=niah_single", "--data.lengths=300", "--data.questions_per_step=2",
+        "--agent.chunk_tokens=128", "--agent.memory_tokens=16", "--agent.answer_tokens=8",
+        "--agent.question_tokens=32", "--rl.n=2", "--rl.reward=sample", "--optim.lr=1e-3",
+        "--optim.warmup_steps=1", "--engine.num_blocks=512", "--progress=false"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    """One tokenizer for every run here (training it is the slow part of a tiny start)."""
+    from tokenizer import train_sentencepiece
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    train_sentencepiece(train.tiny_corpus(num=80), 512, path)
+    return str(path)
+
+
+def config(tmp_path, tokenizer_path, *extra):
+    return parse_config(TINY + [f"--tokenizer={tokenizer_path}", f"--out_dir={tmp_path}", *extra])
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"steps": 7, "rl": {"n": 3}, "optim": {"lr": 2e-5}}))
+    cfg = parse_config(["--config", str(path), "--rl.n=5", "--resume", "--optim.warmup_steps=1e1"])
+    assert (cfg.steps, cfg.rl.n, cfg.optim.lr, cfg.resume, cfg.optim.warmup_steps) == (7, 5, 2e-5, True, 10)
+    with pytest.raises(ValueError, match="unknown config key 'rl.nn'"):
+        parse_config(["--rl.nn=3"])
+    with pytest.raises(ValueError, match="'steps' expects int"):
+        parse_config(["--steps=many"])
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        parse_config(["--config", "nope.json"])
+    with pytest.raises(FileNotFoundError, match="no/such/dir"):
+        parse_config(["--model=no/such/dir"])
+    (tmp_path / "bad.json").write_text(json.dumps({"agent": {"chunk": 1}}))
+    with pytest.raises(ValueError, match="bad.json: unknown config key 'agent.chunk'"):
+        parse_config(["--config", str(tmp_path / "bad.json")])
+
+
+def test_sft_rows_follow_the_ideal_memory(tmp_path, tokenizer_path):
+    from memory_agent import MemoryAgent
+    from tasks import make_samples
+    t = Trainer(config(tmp_path, tokenizer_path, "--algo=sft"))
+    sample = make_samples("niah_single", 300, t.tok, num=1)[0]
+    rows = train.teacher_rows(sample, MemoryAgent(None, t.tok, **t.agent_kw), t.tok)
+    assert len(rows) == -(-sample.meta["doc_tokens"] // 128) + 1
+    needle = sample.meta["needles"][0]["text"]
+    assert t.tok.decode(rows[-2].response_ids).strip() == needle  # the memory holds the needle
+    assert t.tok.decode(rows[-1].response_ids) == "\\boxed{" + sample.answers[0] + "}"
+    assert all(r.response_ids[-1] == t.tok.end_of_turn_id for r in rows)
+
+
+def low_ids(sample, traj):
+    """A toy reward a random policy can climb: the share of low token ids in everything the
+    trajectory wrote (its memories and its answer)."""
+    ids = [i for c in traj.conversations for i in c.response_ids]
+    return sum(i < 128 for i in ids) / max(len(ids), 1)
+
+
+def test_resume_is_exact(tmp_path, tokenizer_path):
+    args = ["--checkpoint_every=2", "--rl.mini_batches=2"]
+    straight = Trainer(config(tmp_path / "a", tokenizer_path, "--steps=4", *args), reward_fn=low_ids)
+    h_straight = straight.train()
+    first = Trainer(config(tmp_path / "b", tokenizer_path, "--steps=2", *args), reward_fn=low_ids)
+    h_first = first.train()
+    second = Trainer(config(tmp_path / "b", tokenizer_path, "--steps=4", "--resume", *args), reward_fn=low_ids)
+    h_second = second.train()
+    assert h_straight[-1]["grad_norm"] > 0  # the weights really moved
+    for a, b in zip(straight.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+    same = lambda m: {k: v for k, v in m.items() if not (k.endswith("_s") or k.startswith("peak_mem"))}
+    assert [same(m) for m in h_straight] == [same(m) for m in h_first + h_second]  # timings aside
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002", "step_000004"]
+
+
+def test_reward_rises_on_a_reachable_toy_reward(tmp_path, tokenizer_path):
+    # A random policy writes about 1/4 low ids; Multi-Conv DAPO must raise the share in every
+    # conversation, the memory updates included. Two-token replies keep the signal strong.
+    cfg = config(tmp_path, tokenizer_path, "--steps=8", "--rl.n=16", "--optim.lr=1e-2", "--rl.norm_by_std=true",
+                 "--agent.memory_tokens=2", "--agent.answer_tokens=2", "--checkpoint_every=100")
+    trainer = Trainer(cfg, reward_fn=low_ids)
+    rewards = [m["reward"] for m in trainer.train()]
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.15, rewards
+
+    from memory_agent import MemoryAgent
+    from rollout import Engine, SamplingParams
+    from tasks import make_samples
+    agent = MemoryAgent(Engine(trainer.model, num_blocks=512), trainer.tok, **trainer.agent_kw)
+    trajs = agent.run(make_samples("niah_single", 300, trainer.tok, num=2, seed=9), n=8,
+                      params=SamplingParams(seed=0))
+    memory_ids = [i for t in trajs for c in t.conversations if not c.is_final for i in c.response_ids]
+    assert sum(i < 128 for i in memory_ids) / len(memory_ids) > 0.4
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, tokenizer_path):
+    cfg = config(tmp_path, tokenizer_path, "--algo=sft", "--steps=5", "--max_bad_steps=2")
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        trainer.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
+        trainer.train()
+    assert trainer.step == 2 and not os.path.exists(tmp_path / "checkpoints")
+
+
+def torchrun(tmp_path, tokenizer_path, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *TINY, f"--tokenizer={tokenizer_path}", f"--out_dir={tmp_path}", "--steps=2", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert len(lines) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    assert os.path.isdir(tmp_path / "checkpoints" / "step_000002")
+    return lines
+
+
+@pytest.mark.slow
+def test_two_processes_rl_ddp(tmp_path, tokenizer_path):
+    lines = torchrun(tmp_path, tokenizer_path, "--parallel=ddp", "--rl.dynamic_sampling=false")
+    assert all(m["kept_groups"] == 2 for m in lines)
+
+
+@pytest.mark.slow
+def test_two_processes_sft_fsdp_and_export(tmp_path, tokenizer_path):
+    torchrun(tmp_path, tokenizer_path, "--parallel=fsdp", "--algo=sft")
+    from model import Transformer
+    from tokenizer import load_tokenizer
+    out = tmp_path / "export"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *TINY, f"--tokenizer={tokenizer_path}", f"--out_dir={tmp_path}", "--parallel=fsdp", "--resume",
+           f"--export={out}"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = Transformer.from_pretrained(out, dtype=torch.float32)
+    assert model.config.vocab_size == 512 and load_tokenizer(out).vocab_size == 512
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen2.5-7b-instruct", "qwen2.5-14b-instruct"])
+def test_shipped_configs_parse(name):
+    cfg = parse_config(["--config", os.path.join(ROOT, "configs", f"{name}.json"), "--model=micro"])
+    if name.startswith("qwen"):  # the paper's recipe
+        assert (cfg.agent.chunk_tokens, cfg.agent.memory_tokens, cfg.rl.n, cfg.rl.mini_batches) == (5000, 1024, 16, 16)
+        assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.rl.clip_low, cfg.rl.clip_high) == (1e-6, 20, 0.2, 0.28)
