@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -94,10 +94,9 @@ class BlockManager:
         self.hash = [None] * num_blocks  # chain hash of a full, registered block
         self.contents = [None] * num_blocks  # its tokens, to verify a hash hit
         self.by_hash: dict[int, int] = {}
-        # Free blocks in the order they were freed: we reuse the oldest first, so a recently
-        # released prefix (the previous turn of the same question, say) stays findable longer.
-        self.free = deque(range(num_blocks))
-        self.free_set = set(self.free)
+        # Free blocks in the order they were freed (an ordered set): we reuse the oldest first, so
+        # a recently released prefix (the previous turn of the same question) stays findable longer.
+        self.free = OrderedDict.fromkeys(range(num_blocks))
         self.cache_hits = 0  # prompt tokens served from the cache, since creation
 
     @property
@@ -105,8 +104,7 @@ class BlockManager:
         return len(self.free)
 
     def _take(self):
-        b = self.free.popleft()
-        self.free_set.discard(b)
+        b, _ = self.free.popitem(last=False)
         if self.hash[b] is not None:  # the block is being reused: forget what it held
             if self.by_hash.get(self.hash[b]) == b:
                 del self.by_hash[self.hash[b]]
@@ -116,8 +114,7 @@ class BlockManager:
 
     def _share(self, b):
         if self.ref[b] == 0:
-            self.free.remove(b)  # O(free); hits are per block, so this is rarely hot
-            self.free_set.discard(b)
+            del self.free[b]
         self.ref[b] += 1
 
     def blocks_needed(self, n_tokens):
@@ -183,8 +180,7 @@ class BlockManager:
             self.ref[b] -= 1
             assert self.ref[b] >= 0
             if self.ref[b] == 0:
-                self.free.append(b)
-                self.free_set.add(b)
+                self.free[b] = None
         seq.block_table = []
         seq.num_computed = seq.num_hashed = 0
         seq.last_hash = None
@@ -375,8 +371,9 @@ class Engine:
         if num_blocks < 2:
             raise ValueError(f"KV cache too small: {num_blocks} blocks of {block_size} tokens")
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Uninitialised: the kernels never read a slot no sequence has written.
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.block_size, self.num_blocks = block_size, num_blocks
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
