@@ -7,7 +7,6 @@ a slot is block_id * block_size + offset.
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
@@ -45,10 +44,19 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
         kb = _gather(k_cache, block_tables[b], n).float().transpose(0, 1)[None]  # (1, Hkv, n, D)
         vb = _gather(v_cache, block_tables[b], n).float().transpose(0, 1)[None]  # (1, Hkv, n, D)
         # query i sits at position n - qlen + i and sees keys 0..that position: bottom-right causal
-        causal = causal_lower_right(end - start, n)
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=causal, scale=scale, enable_gqa=True)
+        # (with no cached prefix that is plain causal, which SDPA does fastest)
+        qlen = end - start
+        causal = None if qlen == n else torch.ones(qlen, n, dtype=torch.bool, device=q.device).tril(n - qlen)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=causal, is_causal=causal is None, scale=scale,
+                                            enable_gqa=True)
         out[start:end] = ob[0].transpose(0, 1).to(q.dtype)
     return out
+
+
+# decode sorts the batch by length and cuts it into buckets of at most this many padded keys (a longer
+# sequence gets a bucket of its own): each pads only to its own longest, and its gathered K/V are still
+# in cache when attention reads them. Smaller buckets pay more per-op overhead; 2-4K was best on CPU.
+DECODE_BUCKET_TOKENS = 2048
 
 
 def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None):
@@ -59,16 +67,40 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
     """
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
-    L = int(context_lens.max()) if B else 0
-    pos = torch.arange(L, device=q.device)
-    valid = pos < context_lens[:, None]                                              # (B, L)
-    # a padding position re-reads the sequence's first slot, which is written (so finite, where a
-    # stale slot could hold NaN) and masked out; only a row with no keys reads a -1 table entry
-    pos = torch.where(valid, pos, 0)
-    slots = block_tables.long().gather(1, pos // block_size) * block_size + pos % block_size
-    slots = slots.clamp(min=0).flatten()
-    k = k_cache.view(-1, *k_cache.shape[2:]).index_select(0, slots).view(B, L, Hkv, D).float()  # (B, L, Hkv, D)
-    v = v_cache.view(-1, *v_cache.shape[2:]).index_select(0, slots).view(B, L, Hkv, D).float()  # (B, L, Hkv, D)
-    out = F.scaled_dot_product_attention(q.float()[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=valid[:, None, None], scale=scale, enable_gqa=True)
-    return out[:, :, 0].nan_to_num(0.0).to(q.dtype)  # a row with no keys comes out NaN -> 0
+    out = torch.zeros_like(q)  # rows with no keys stay zero
+    lens, order = context_lens.long().sort()
+    n = lens.tolist()
+    first = n.count(0)
+    if first == B:
+        return out
+    lens, order, n = lens[first:], order[first:], n[first:]  # the S rows with keys, shortest first
+    cuts = [0]  # bucket i is sorted rows cuts[i]:cuts[i+1]; its last row is its longest
+    for i in range(1, len(n)):
+        if (i + 1 - cuts[-1]) * n[i] > DECODE_BUCKET_TOKENS:
+            cuts.append(i)
+    cuts.append(len(n))
+    # built once in sorted order, sliced per bucket. Table entries past a sequence's last page are
+    # arbitrary (maybe -1), so those pages read block 0 instead; they are padding like the rest.
+    max_pages = -(-n[-1] // block_size)
+    owned = torch.arange(max_pages, device=q.device) * block_size < lens[:, None]   # (S, max_pages)
+    tables = torch.where(owned, block_tables[order, :max_pages], 0)                 # (S, max_pages)
+    valid = torch.arange(max_pages * block_size, device=q.device) < lens[:, None]   # (S, max_pages * bs)
+    # the G query heads that share a kv head are its G "queries": SDPA needs no GQA repeat of K/V
+    qs = q[order].float().view(-1, Hkv, Hq // Hkv, D)                               # (S, Hkv, G, D)
+    outs = []
+    for a, z in zip(cuts[:-1], cuts[1:]):
+        b, pages = z - a, -(-n[z - 1] // block_size)
+        N = pages * block_size
+        idx = tables[a:z, :pages].flatten()  # whole pages, one index_select each for K and V
+        k = k_cache.index_select(0, idx).view(b, N, Hkv, D).float()                 # (b, N, Hkv, D)
+        v = v_cache.index_select(0, idx).view(b, N, Hkv, D).float()                 # (b, N, Hkv, D)
+        # padding slots may hold NaN (unowned cache slots), which the mask alone would let through:
+        # NaN plus a -inf mask is NaN, and a zero softmax weight times NaN is NaN. So zero them.
+        pad = valid[a:z, :N].logical_not().flatten().nonzero().squeeze(1)
+        k.view(b * N, Hkv * D).index_fill_(0, pad, 0.0)
+        v.view(b * N, Hkv * D).index_fill_(0, pad, 0.0)
+        # SDPA reads K/V in place through (b, Hkv, N, D) views
+        outs.append(F.scaled_dot_product_attention(qs[a:z], k.transpose(1, 2), v.transpose(1, 2),
+                                                   attn_mask=valid[a:z, None, None, :N], scale=scale))
+    out[order] = torch.cat(outs).reshape(-1, Hq, D).to(q.dtype)                    # (S, Hq, D)
+    return out

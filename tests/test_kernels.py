@@ -67,6 +67,20 @@ def test_reference_matches_dense():
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bucket_tokens", [1, 100, 10_000])
+def test_reference_decode_buckets(monkeypatch, bucket_tokens):
+    # the reference decode sorts the batch by length into buckets: one per sequence, a few, or one
+    monkeypatch.setattr(reference, "DECODE_BUCKET_TOKENS", bucket_tokens)
+    lens = [37, 0, 1, 70, 16, 5, 0, 33, 17]
+    ks, vs, k_cache, v_cache, ctx, bt = make_paged([max(n, 1) for n in lens], 2, 16, 16, torch.float32)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), 4, 16)
+    out = reference.decode_attention(q, k_cache, v_cache, ctx, bt, 0.3)
+    for b, n in enumerate(lens):
+        want = dense_attention(q[b:b + 1], ks[b], vs[b], 0.3) if n else torch.zeros(1, 4, 16, dtype=torch.float64)
+        torch.testing.assert_close(out[b:b + 1].double(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_store_kv(backend, dtype):
