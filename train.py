@@ -497,6 +497,7 @@ class Trainer:
                 if sum(counts) >= want or not cfg.rl.dynamic_sampling:
                     break
             stats["gen_tokens"] = engine.stats["decode_tokens"]
+            stats["prefill_tokens"] = engine.stats["prefill_tokens"]
             stats["prefix_cache_tokens"] = engine.blocks.cache_hits
             del engine, agent
         # keep the first `want` groups in rank order, so every rank agrees on the batch
@@ -636,13 +637,14 @@ class Trainer:
         sums = all_sum([sum(r for _, _, rs in seen for r in rs), len(all_trajs), sum(score), sum(mem_lens),
                         len(mem_lens), sum(ans_lens), len(ans_lens), sum(t.turns for t in all_trajs),
                         st["gen_tokens"], st["prefix_cache_tokens"], sum(len(r) for r in rows),
-                        sum(t.error is not None for t in all_trajs)], self.device)
+                        sum(t.error is not None for t in all_trajs), st["prefill_tokens"]], self.device)
         n = max(sums[1], 1)
         m.update(reward=sums[0] / n, accuracy=sums[2] / n, memory_len=sums[3] / max(sums[4], 1),
                  answer_len=sums[5] / max(sums[6], 1), turns=sums[7] / n, kept_groups=st["kept"],
                  dropped_groups=st["dropped"], rounds=st["rounds"], rollout_s=st["rollout_s"],
                  logprob_s=logprob_s, update_s=update_s, gen_tokens_per_s=sums[8] / max(st["rollout_s"], 1e-9),
-                 prefix_cache_tokens=sums[9], train_tokens=sums[10], errors=sums[11],
+                 prefix_cache_tokens=sums[9], train_tokens=sums[10], errors=sums[11], gen_tokens=sums[8],
+                 prefill_tokens=sums[12],
                  adv_mean=float(adv.mean()) if len(adv) else 0.0, adv_std=float(adv.std()) if len(adv) > 1 else 0.0,
                  train_tokens_per_s=sums[10] / max(update_s + logprob_s, 1e-9))
         return m
