@@ -362,8 +362,9 @@ class Engine:
         bytes_per_block = 2 * math.prod(shape) * p.element_size()
         if num_blocks is None:
             if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                total = torch.cuda.get_device_properties(self.device).total_memory
+                free, total = torch.cuda.mem_get_info(self.device)
+                # memory PyTorch holds in its cache but no tensor uses is free for us too
+                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
                 budget = free - (1 - gpu_memory_utilization) * total
             else:
                 budget = kv_cache_bytes

@@ -83,6 +83,11 @@ def test_resume_is_exact(tmp_path, tokenizer_path):
     assert [same(m) for m in h_straight] == [same(m) for m in h_first + h_second]  # timings aside
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002", "step_000004"]
 
+    # a run killed while writing step 6 leaves step_000006.tmp behind: resume skips it
+    (tmp_path / "b" / "checkpoints" / "step_000006.tmp").mkdir()
+    third = Trainer(config(tmp_path / "b", tokenizer_path, "--steps=4", "--resume", *args), reward_fn=low_ids)
+    assert third.load_checkpoint() and third.step == 4
+
 
 def test_reward_rises_on_a_reachable_toy_reward(tmp_path, tokenizer_path):
     # A random policy writes about 1/4 low ids; Multi-Conv DAPO must raise the share in every
