@@ -31,6 +31,21 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, s_kn, s_kh, s_vn, s
 
 
 @triton.jit
+def _online_softmax_step(q, kt, v, keep, m_i, l_i, acc, scale):
+    """Fold one K/V tile into running softmax state: m (row max), l (row sum of exp), acc (sum of
+    exp-weighted values), each rescaled when the max grows. keep masks the visible keys."""
+    # "ieee" only changes fp32 operands: exact fp32 instead of tf32; 16-bit dots are unaffected
+    s = tl.dot(q, kt, input_precision="ieee") * scale                      # (rows, BLOCK_N)
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")   # (rows, D)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, cu_ptr, ctx_ptr, bt_ptr, scale,
                     s_qn, s_qh, s_on, s_oh, s_cb, s_cs, s_ch, s_bt,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -64,15 +79,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, cu_ptr, ctx_ptr, bt_ptr, scale
         v = tl.load(vc_ptr + base[:, None] + d[None, :], mask=kv_mask[:, None], other=0.0)   # (BLOCK_N, D)
         if UPCAST:
             kt, v = kt.to(tl.float32), v.to(tl.float32)
-        # "ieee" only changes fp32 operands: exact fp32 instead of tf32; 16-bit dots are unaffected
-        s = tl.dot(q, kt, input_precision="ieee") * scale                                  # (BLOCK_M, BLOCK_N)
-        s = tl.where(cols[None, :] <= pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")   # (BLOCK_M, D)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, kt, v, cols[None, :] <= pos[:, None], m_i, l_i, acc, scale)
     out = acc / l_i[:, None]
     tl.store(o_ptr + (q_start + rows)[:, None] * s_on + h * s_oh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=q_mask)
@@ -107,14 +114,8 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, m_ptr, l_ptr, acc_ptr, ctx_ptr, 
         v = tl.load(vc_ptr + base[:, None] + d[None, :], mask=kv_mask[:, None], other=0.0)   # (BLOCK_N, D)
         if UPCAST:
             kt, v = kt.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision="ieee") * scale                                  # (BLOCK_G, BLOCK_N)
-        s = tl.where(kv_mask[None, :], s, float("-inf"))  # each tile holds >= 1 valid key: m stays finite
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")   # (BLOCK_G, D)
-        m_i = m_new
+        # each tile holds >= 1 valid key, so m stays finite
+        m_i, l_i, acc = _online_softmax_step(q, kt, v, kv_mask[None, :], m_i, l_i, acc, scale)
     # partials of an empty split: m = -inf, l = 0, acc = 0, which the merge weighs as nothing
     row = (b * num_heads + heads) * NUM_SPLITS + split  # into [B, Hq, NUM_SPLITS]
     keep = g < G
