@@ -337,7 +337,8 @@ def sample(logits, temperature, top_p, top_k, seeds, positions):
     if not bool(greedy.all()):  # Gumbel-max: argmax(logp + g) is a sample from softmax(logp)
         rows = (~greedy).nonzero().squeeze(-1)
         counter = _mix32(_mix32(seeds[rows]) ^ positions[rows])[:, None] ^ torch.arange(V, device=logits.device)
-        u = ((_mix32(_mix32(counter)) >> 8).float() + 0.5) / 2.0**24  # 24 random bits: uniform in (0, 1)
+        # 23 random bits: (k + 0.5) / 2^23 is exact in fp32, so u stays strictly inside (0, 1)
+        u = ((_mix32(_mix32(counter)) >> 9).float() + 0.5) / 2.0**23
         tokens[rows] = (logp[rows] - torch.log(-torch.log(u))).argmax(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 

@@ -367,12 +367,14 @@ def _hotpot_sample(path, i, item, titles, texts, num_docs, seed) -> Sample:
     if len(titles) - len(gold) < need:
         raise ValueError(f"{path}: {len(titles)} distinct paragraphs, too few for "
                          f"num_docs={num_docs} ({need} distractors needed besides {len(gold)} gold)")
-    rng = np.random.default_rng([seed, i])
     gold_set = set(gold_titles)
-    distractors = [j for j in rng.permutation(len(titles)).tolist() if titles[j] not in gold_set][:need]
-    order = rng.permutation(num_docs).tolist()
 
     def pieces():
+        # drawn when read, not when loaded: building 90K training questions stays instant
+        rng = np.random.default_rng([seed, i])
+        first = rng.permutation(len(titles))[:need + len(gold)].tolist()  # holds `need` non-gold titles
+        distractors = [j for j in first if titles[j] not in gold_set][:need]
+        order = rng.permutation(num_docs).tolist()
         for n, k in enumerate(order):
             title, text = gold[k] if k < len(gold) else (titles[distractors[k - len(gold)]],
                                                           texts[distractors[k - len(gold)]])
@@ -491,11 +493,15 @@ def _boxed_norm(s: str) -> str:
     return "".join(s.split()).strip(".,;:!?'\"")
 
 
-def boxed_em(prediction, answers) -> float:
+def boxed_em(prediction, answers, all_of=False) -> float:
     """The training reward: extracted \\boxed{} content equal to any gold alias after
-    lower-casing and dropping whitespace and LaTeX/markdown formatting."""
+    lower-casing and dropping whitespace and LaTeX/markdown formatting. With all_of, `answers` are
+    values that are all required (multi-value tasks): the comma-separated boxed items must be
+    exactly that set."""
     if prediction is None:
         return 0.0
+    if all_of:
+        return float({_boxed_norm(p) for p in prediction.split(",")} == {_boxed_norm(a) for a in answers})
     pred = _boxed_norm(prediction)
     return float(bool(pred) and any(pred == _boxed_norm(a) for a in answers))
 

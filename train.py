@@ -176,6 +176,10 @@ def parse_config(argv):
         raise ValueError(f"parallel must be auto, ddp or fsdp, got '{cfg.parallel}'")
     if cfg.rl.loss_agg not in dapo.AGGS:
         raise ValueError(f"rl.loss_agg must be one of {dapo.AGGS}, got '{cfg.rl.loss_agg}'")
+    for key, value in (("keep_checkpoints", cfg.keep_checkpoints), ("rl.max_rounds", cfg.rl.max_rounds),
+                       ("rl.n", cfg.rl.n), ("rl.mini_batches", cfg.rl.mini_batches), ("checkpoint_every", cfg.checkpoint_every)):
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
     if cfg.rl.reward not in ("boxed_em", "sample"):
         raise ValueError(f"rl.reward must be boxed_em or sample, got '{cfg.rl.reward}'")
     if cfg.model not in TINY_CONFIGS and not os.path.isdir(cfg.model):
@@ -239,7 +243,10 @@ def sync_gradients(model, world, fsdp):
     """ddp: average gradients over ranks (FSDP reduce-scatters them in backward itself)."""
     if world == 1 or fsdp:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for p in model.parameters():  # a rank that had nothing to learn this step still takes part
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in model.parameters()]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
     flat /= world
@@ -282,11 +289,14 @@ class Questions:
 
 def teacher_rows(sample, agent, tok):
     """SFT rows for one synthetic sample: after each chunk the ideal memory is the relevant needle
-    sentences read so far; the final turn answers from it in \\boxed{}."""
+    sentences read so far; the final turn answers from it in \\boxed{}. [] if a needle straddles chunks."""
     if not sample.meta.get("needles"):
         raise ValueError(f"sample {sample.id}: SFT needs a task with needles (task {sample.meta.get('task')})")
+    C = agent.chunk_tokens
+    if any(n["relevant"] and n["offset"] // C != (n["offset"] + n["tokens"] - 1) // C for n in sample.meta["needles"]):
+        return []  # a needle cut by a chunk boundary: no memory could hold it whole, so no ideal trace
     problem = tok.encode(sample.question)
-    stream = ChunkStream(document_tokens(sample.document, tok), agent.chunk_tokens, 1)
+    stream = ChunkStream(document_tokens(sample.document, tok), C, 1)
     end, rows, memory = [tok.end_of_turn_id], [], []
     for kept in tasks.ideal_memory_trace(sample, agent.chunk_tokens):
         chunk = stream.next(0)
@@ -320,13 +330,19 @@ class Trainer:
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for m in fsdp_units(model):
                 fully_shard(m, mp_policy=mp)
+            # FSDP picks its root at the first forward; the engine calls the blocks directly, so
+            # make that first forward go through the root, then drop the gathered weights again.
+            with torch.no_grad():
+                model(torch.zeros(1, 2, dtype=torch.long, device=self.device))
+            model.reshard()
         elif self.world > 1:  # ddp: every rank starts from rank 0's weights
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
         self.model = model
         self.ref = None
         if cfg.rl.kl_coef and cfg.algo == "rl":  # a frozen copy of the initial policy
-            self.ref = build_model(cfg.model, dtype=dtype, device=self.device, seed=cfg.seed).eval()
+            ref_dtype = torch.bfloat16 if self.fsdp else dtype  # as the policy computes
+            self.ref = build_model(cfg.model, dtype=ref_dtype, device=self.device, seed=cfg.seed).eval()
             self.ref.requires_grad_(False)
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         rest = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -362,7 +378,7 @@ class Trainer:
     def _reward(self, sample, traj):
         if self.cfg.rl.reward == "sample":
             return tasks.score(sample, traj.answer)
-        return tasks.boxed_em(traj.answer, sample.answers)
+        return tasks.boxed_em(traj.answer, sample.answers, all_of=sample.meta.get("scorer") == "string_match_all")
 
     def log(self, *args):
         if self.rank == 0:
@@ -423,6 +439,12 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"])
+        log_path = os.path.join(self.cfg.out_dir, "metrics.jsonl")
+        if self.rank == 0 and os.path.isfile(log_path):  # forget the steps after the checkpoint
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= self.step]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
         self.log(f"resumed from {path} (step {self.step})")
         return True
 
@@ -469,13 +491,15 @@ class Trainer:
             e = cfg.engine
             engine = Engine(self.model, num_blocks=e.num_blocks or None, block_size=e.block_size,
                             max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-                            gpu_memory_utilization=e.gpu_memory_utilization, cuda_graphs=e.cuda_graphs,
+                            gpu_memory_utilization=e.gpu_memory_utilization,
+                            cuda_graphs=e.cuda_graphs and not self.fsdp,  # FSDP's hooks fork streams
                             seed=cfg.seed * 7919 + self.step)
             agent = MemoryAgent(engine, self.tok, **self.agent_kw)
             for _ in range(cfg.rl.max_rounds):
                 t0 = time.perf_counter()
+                # the agent seeds each turn from (this, sample index on this rank, rollout, turn)
                 params = SamplingParams(temperature=cfg.rl.temperature, top_p=cfg.rl.top_p,
-                                        seed=cfg.seed * 1_000_003 + self.position)
+                                        seed=hash((cfg.seed, self.position, self.rank)) & 0x7FFFFFFF)
                 samples = self.next_questions(want)
                 trajs = agent.run(samples, n=n, params=params)
                 stats["rollout_s"] += time.perf_counter() - t0
@@ -484,7 +508,8 @@ class Trainer:
                     group = trajs[i * n:(i + 1) * n]
                     rewards = [float(self.reward_fn(s, t)) for t in group]
                     if cfg.rl.overlong_buffer:
-                        lengths = [len(t.conversations[-1].response_ids) if t.conversations else 0 for t in group]
+                        lengths = [len(t.conversations[-1].response_ids) if t.answer_text is not None else 0
+                                   for t in group]
                         pen = dapo.overlong_penalty(lengths, cfg.agent.answer_tokens, cfg.rl.overlong_buffer)
                         rewards = [r + p for r, p in zip(rewards, pen.tolist())]
                     seen.append((s, group, rewards))
@@ -496,7 +521,7 @@ class Trainer:
                 counts = all_sum([len(kept) if r == self.rank else 0 for r in range(self.world)], self.device)
                 if sum(counts) >= want or not cfg.rl.dynamic_sampling:
                     break
-            stats["gen_tokens"] = engine.stats["decode_tokens"]
+            stats["gen_tokens"] = sum(t.tokens_generated for _, g, _ in seen for t in g)
             stats["prefill_tokens"] = engine.stats["prefill_tokens"]
             stats["prefix_cache_tokens"] = engine.blocks.cache_hits
             del engine, agent
@@ -638,6 +663,7 @@ class Trainer:
                         len(mem_lens), sum(ans_lens), len(ans_lens), sum(t.turns for t in all_trajs),
                         st["gen_tokens"], st["prefix_cache_tokens"], sum(len(r) for r in rows),
                         sum(t.error is not None for t in all_trajs), st["prefill_tokens"]], self.device)
+        adv_sums = all_sum([float(adv.sum()), float((adv ** 2).sum()), len(adv)], self.device)
         n = max(sums[1], 1)
         m.update(reward=sums[0] / n, accuracy=sums[2] / n, memory_len=sums[3] / max(sums[4], 1),
                  answer_len=sums[5] / max(sums[6], 1), turns=sums[7] / n, kept_groups=st["kept"],
@@ -645,7 +671,8 @@ class Trainer:
                  logprob_s=logprob_s, update_s=update_s, gen_tokens_per_s=sums[8] / max(st["rollout_s"], 1e-9),
                  prefix_cache_tokens=sums[9], train_tokens=sums[10], errors=sums[11], gen_tokens=sums[8],
                  prefill_tokens=sums[12],
-                 adv_mean=float(adv.mean()) if len(adv) else 0.0, adv_std=float(adv.std()) if len(adv) > 1 else 0.0,
+                 adv_mean=adv_sums[0] / max(adv_sums[2], 1),
+                 adv_std=math.sqrt(max(adv_sums[1] / max(adv_sums[2], 1) - (adv_sums[0] / max(adv_sums[2], 1)) ** 2, 0)),
                  train_tokens_per_s=sums[10] / max(update_s + logprob_s, 1e-9))
         return m
 

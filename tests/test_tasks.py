@@ -362,6 +362,10 @@ def test_boxed_em():
     assert tasks.boxed_em("\\text{New York}.", ["NYC", "New York"]) == 1.0
     assert tasks.boxed_em("**Paris**", ["paris"]) == 1.0
     assert tasks.boxed_em("Paris, France", ["Paris"]) == 0.0
+    # multi-value answers: every value, nothing else, in any order
+    assert tasks.boxed_em("4455667, 1234567", ["1234567", "4455667"], all_of=True) == 1.0
+    assert tasks.boxed_em("1234567", ["1234567", "4455667"], all_of=True) == 0.0
+    assert tasks.boxed_em("1234567, 4455667, 9", ["1234567", "4455667"], all_of=True) == 0.0
     assert tasks.boxed_em("", ["Paris"]) == 0.0 and tasks.boxed_em(None, ["Paris"]) == 0.0
     assert tasks.boxed_em("Zürich", ["ZÜRICH"]) == 1.0
     assert tasks.boxed_em("50\\%", ["50%"]) == 1.0 and tasks.boxed_em("$\\mathrm{H_2O}$", ["h2o"]) == 1.0
