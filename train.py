@@ -69,7 +69,7 @@ class RLConfig:
     reward: str = "boxed_em"  # boxed_em (the paper's) | sample (the sample's own scorer)
     overlong_buffer: int = 0  # > 0: DAPO's soft penalty on final answers near answer_tokens
     dynamic_sampling: bool = True
-    max_rounds: int = 3
+    max_rounds: int = 3  # generation rounds per step; then it trains on the informative groups it has
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
 
