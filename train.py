@@ -693,7 +693,7 @@ class Trainer:
         # torch.distributed.checkpoint notes that it saves in one process when there is one; the LR
         # schedule counts RL steps, including those whose groups were all dropped (no optimizer step)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         if cfg.resume:
             self.load_checkpoint()
         if cfg.export:
