@@ -46,6 +46,14 @@ TEMPLATES["section_first"] = dict(TEMPLATES["default"], update=(
     "and add what the new section says that helps.\n\n"
     "<problem>\n{problem}\n</problem>\n\n<section>\n{section}\n</section>\n\n"
     "<memory>\n{memory}\n</memory>\n\nUpdated memory:\n"))
+# A few tokens of frame for a model trained from scratch (the embedded tiny agent): every token of
+# template is compute spent on text that carries no information.
+TEMPLATES["compact"] = {
+    "update": "Problem: {problem}\nMemory: {memory}\nSection: {section}\nNew memory:",
+    "final": "Problem: {problem}\nMemory: {memory}\nAnswer:",
+    "direct": "Text: {section}\nProblem: {problem}\nAnswer:",
+    "empty_memory": "none",
+}
 
 
 def load_template(template):

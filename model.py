@@ -142,6 +142,10 @@ class ModelConfig:
 
 # Named configs for models trained from scratch (the embedded default and test sizes).
 TINY_CONFIGS = {
+    # "nano" is the embedded memory agent's architecture (checkpoints/tiny): 0.2M parameters,
+    # small enough to learn copying (induction heads) in minutes on 2 CPU cores
+    "nano": ModelConfig(vocab_size=2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=16, intermediate_size=128, max_position_embeddings=2048),
     "tiny": ModelConfig(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                         head_dim=64, intermediate_size=704, max_position_embeddings=2048),
     "micro": ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -44,6 +44,9 @@ class DataConfig:
     lengths: str = "1k"  # document lengths of synthetic questions (comma list, cycled)
     hotpot_docs: int = 200  # documents per HotpotQA question
     questions_per_step: int = 8  # over all ranks
+    # SFT of a model trained from scratch (the embedded tiny agent):
+    copy_warmup_steps: int = 0  # first steps train on repeated random text (copy_rows) instead
+    sft_direct: bool = False  # also teach answering from the whole document (the --mode direct baseline)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class RLConfig:
 class OptimConfig:
     lr: float = 1e-6
     warmup_steps: int = 20
+    cooldown_steps: int = 0  # the LR falls linearly to 0 over the run's last cooldown_steps steps
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -287,9 +291,10 @@ class Questions:
         return tasks.TASKS[task](length, self.tok, seed=self.cfg.seed, index=i)
 
 
-def teacher_rows(sample, agent, tok):
+def teacher_rows(sample, agent, tok, direct=False):
     """SFT rows for one synthetic sample: after each chunk the ideal memory is the relevant needle
-    sentences read so far; the final turn answers from it in \\boxed{}. [] if a needle straddles chunks."""
+    sentences read so far; the final turn answers from it in \\boxed{}. [] if a needle straddles chunks.
+    With `direct`, one more row answers from the whole document in one prompt."""
     if not sample.meta.get("needles"):
         raise ValueError(f"sample {sample.id}: SFT needs a task with needles (task {sample.meta.get('task')})")
     C = agent.chunk_tokens
@@ -305,6 +310,22 @@ def teacher_rows(sample, agent, tok):
         memory = target
     answer = tok.encode("\\boxed{" + ", ".join(sample.answers) + "}")
     rows.append(dapo.Row(agent.prompt(problem, memory), answer + end))
+    if direct:
+        rows.append(dapo.Row(agent.direct_prompt(sample, max_prompt_tokens=1 << 62), answer + end))
+    return rows
+
+
+def copy_rows(num, length, vocab_size, seed):
+    """`num` rows of next-token prediction on random token strings (6..20 ids) repeated end to end.
+    Every turn of the memory agent copies (needle into memory, memory into memory, memory into
+    answer), and a transformer learns to copy (induction heads) fastest from text that repeats
+    itself: a model trained from scratch on the agent's traces alone does not get there in hours."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(num):
+        piece = rng.integers(4, vocab_size, size=int(rng.integers(6, 21)))  # ids 0-3 are special
+        seq = np.tile(piece, length // len(piece) + 2)[:length + 1].tolist()
+        rows.append(dapo.Row(seq[:1], seq[1:]))
     return rows
 
 
@@ -350,8 +371,10 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}],
                                      lr=o.lr, betas=(o.beta1, o.beta2), foreach=not self.fsdp)
+        # warm-up, stable, decay: linear warm-up, constant, then (with cooldown_steps) linear to 0
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps)))  # linear warm-up, then constant
+            self.opt, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps),
+                                    (cfg.steps - s) / o.cooldown_steps if o.cooldown_steps else 1.0))
         self.agent_kw = dict(chunk_tokens=cfg.agent.chunk_tokens, memory_tokens=cfg.agent.memory_tokens,
                              answer_tokens=cfg.agent.answer_tokens, question_tokens=cfg.agent.question_tokens,
                              template=cfg.agent.template)
@@ -678,9 +701,14 @@ class Trainer:
 
     def sft_step(self):
         cfg = self.cfg
-        agent = MemoryAgent(None, self.tok, **self.agent_kw)
         t0 = time.perf_counter()
-        rows = [r for s in self.next_questions(cfg.data.questions_per_step) for r in teacher_rows(s, agent, self.tok)]
+        if self.step < cfg.data.copy_warmup_steps:  # one micro-batch of 128-token rows per rank
+            num = max(1, cfg.optim.micro_batch_tokens // 129)
+            rows = copy_rows(num, 128, self.tok.vocab_size, seed=[cfg.seed, self.step, self.rank])
+        else:
+            agent = MemoryAgent(None, self.tok, **self.agent_kw)
+            rows = [r for s in self.next_questions(cfg.data.questions_per_step)
+                    for r in teacher_rows(s, agent, self.tok, cfg.data.sft_direct)]
         m = self.update(self.micro_batches(rows)) or {}
         tokens = all_sum([sum(len(r) for r in rows)], self.device)[0]
         m.update(update_s=time.perf_counter() - t0, train_tokens=tokens,

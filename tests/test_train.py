@@ -59,6 +59,39 @@ def test_sft_rows_follow_the_ideal_memory(tmp_path, tokenizer_path):
     assert t.tok.decode(rows[-2].response_ids).strip() == needle  # the memory holds the needle
     assert t.tok.decode(rows[-1].response_ids) == "\\boxed{" + sample.answers[0] + "}"
     assert all(r.response_ids[-1] == t.tok.end_of_turn_id for r in rows)
+    with_direct = train.teacher_rows(sample, MemoryAgent(None, t.tok, **t.agent_kw), t.tok, direct=True)
+    assert with_direct[:-1] == rows and with_direct[-1].response_ids == rows[-1].response_ids
+    assert len(with_direct[-1].prompt_ids) > sample.meta["doc_tokens"]  # the whole document, one prompt
+
+
+def test_copy_rows_repeat_a_random_piece():
+    rows = train.copy_rows(4, 64, vocab_size=512, seed=[0, 1])
+    assert [len(r.prompt_ids) + len(r.response_ids) for r in rows] == [65] * 4
+    for r in rows:
+        seq = r.prompt_ids + r.response_ids
+        period = next(k for k in range(6, 21) if seq[k:] == seq[:-k])
+        assert min(seq) >= 4 and max(seq) < 512 and len(set(seq[:period])) > 1
+    assert rows == train.copy_rows(4, 64, vocab_size=512, seed=[0, 1])  # a function of the seed
+
+
+def test_sft_copy_warmup_then_traces(tmp_path, tokenizer_path):
+    t = Trainer(config(tmp_path, tokenizer_path, "--algo=sft", "--data.copy_warmup_steps=1",
+                       "--optim.micro_batch_tokens=1024"))
+    first = t.sft_step()  # step 0: 1024 // 129 = 7 copy rows of 129 tokens, no question drawn
+    assert first["train_tokens"] == 7 * 129 and t.position == 0 and first["loss"] > 0
+    t.step = 1
+    second = t.sft_step()  # then the ideal memory traces of the run's questions
+    assert t.position == 2 and second["train_tokens"] > 300
+
+
+def test_lr_warms_up_holds_then_cools_down(tmp_path, tokenizer_path):
+    t = Trainer(config(tmp_path, tokenizer_path, "--steps=10", "--optim.warmup_steps=2", "--optim.cooldown_steps=4"))
+    lrs = []
+    for _ in range(10):
+        lrs.append(t.opt.param_groups[0]["lr"])
+        t.opt.step()
+        t.sched.step()
+    assert lrs == pytest.approx([1e-3 * f for f in (0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25)])
 
 
 def low_ids(sample, traj):
@@ -92,7 +125,7 @@ def test_resume_is_exact(tmp_path, tokenizer_path):
 def test_reward_rises_on_a_reachable_toy_reward(tmp_path, tokenizer_path):
     # A random policy writes about 1/4 low ids; Multi-Conv DAPO must raise the share in every
     # conversation, the memory updates included. Two-token replies keep the signal strong.
-    cfg = config(tmp_path, tokenizer_path, "--steps=8", "--rl.n=16", "--optim.lr=1e-2", "--rl.norm_by_std=true",
+    cfg = config(tmp_path, tokenizer_path, "--steps=10", "--rl.n=16", "--optim.lr=1e-2", "--rl.norm_by_std=true",
                  "--agent.memory_tokens=2", "--agent.answer_tokens=2", "--checkpoint_every=100")
     trainer = Trainer(cfg, reward_fn=low_ids)
     rewards = [m["reward"] for m in trainer.train()]
@@ -152,7 +185,7 @@ def test_two_processes_rl_fsdp_and_export(tmp_path, tokenizer_path):
     assert model.config.vocab_size == 512 and load_tokenizer(out).vocab_size == 512
 
 
-@pytest.mark.parametrize("name", ["tiny", "qwen2.5-7b-instruct", "qwen2.5-14b-instruct"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-sft", "qwen2.5-7b-instruct", "qwen2.5-14b-instruct"])
 def test_shipped_configs_parse(name):
     cfg = parse_config(["--config", os.path.join(ROOT, "configs", f"{name}.json"), "--model=micro"])
     if name.startswith("qwen"):  # the paper's recipe
