@@ -639,7 +639,11 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         keys = sorted(sums)
-        metrics = dict(zip(keys, all_sum([sums[k] for k in keys], self.device)))
+        if dist.is_initialized():  # a rank without rows (the others filled the batch) has "loss" alone
+            every = [None] * self.world
+            dist.all_gather_object(every, keys)
+            keys = sorted(set().union(*every))
+        metrics = dict(zip(keys, all_sum([sums.get(k, 0.0) for k in keys], self.device)))
         metrics["grad_norm"] = grad_norm
         if not (math.isfinite(grad_norm) and math.isfinite(metrics["loss"])):
             self.opt.zero_grad(set_to_none=True)

@@ -168,6 +168,32 @@ def test_two_processes_sft_ddp(tmp_path, tokenizer_path):
     torchrun(tmp_path, tokenizer_path, "--parallel=ddp", "--algo=sft")
 
 
+RANK_ZERO_REWARD = """
+import sys
+import torch.distributed as dist
+from train import Trainer, parse_config
+
+def reward(sample, traj):  # rank 1's groups are never informative, so rank 0 alone fills each step
+    return float(dist.get_rank() == 0 and traj.conversations[-1].response_ids[0] % 2 == 0)
+
+Trainer(parse_config(sys.argv[1:]), reward_fn=reward).train()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_rl_when_one_rank_has_no_rows(tmp_path, tokenizer_path):
+    # rank 1 trains on nothing, yet must join every collective and report the same metric keys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+           sys.executable, "-c", RANK_ZERO_REWARD, *TINY, f"--tokenizer={tokenizer_path}",
+           f"--out_dir={tmp_path}", "--steps=2", "--rl.n=8", "--data.questions_per_step=2", "--parallel=ddp"]
+    res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert len(lines) == 2 and all(m["kept_groups"] == 2 and m["dropped_groups"] >= 1 for m in lines)
+
+
 @pytest.mark.slow
 def test_two_processes_rl_fsdp_and_export(tmp_path, tokenizer_path):
     # FSDP2 on gloo: the engine generates with the gathered weights, the update runs sharded
