@@ -112,9 +112,13 @@ def _token_counter(tokenizer) -> Callable[[str], int]:
 # -----------------------------------------------------------------------------
 # haystacks: zero-argument callables returning an endless, deterministic stream of pieces
 
-def _noise_haystack() -> Callable[[], Iterator[str]]:
+def _noise_haystack(rng: np.random.Generator) -> Callable[[], Iterator[str]]:
+    # the cycle starts at a seeded sentence: with a fixed start, short training documents would
+    # meet the cycle at the same few offsets against the chunk boundaries, and a small model
+    # learns those chunks instead of the rule "no needle here, keep the memory" (README)
+    start = int(rng.integers(len(NOISE)))
     spaced = [SEP + s for s in NOISE]
-    return lambda: chain([NOISE[0]], islice(cycle(spaced), 1, None))
+    return lambda: chain([NOISE[start]], islice(cycle(spaced), start + 1, None))
 
 
 def _word_haystack(rng: np.random.Generator) -> Callable[[], Iterator[str]]:
@@ -143,8 +147,8 @@ def _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles,
                    question, answers, ordered=False) -> Sample:
     """Place `needles` at seeded uniform depths in `haystack`, fitted to `length` tokens.
 
-    Needles sit after filler piece k, k in 1..n, so the first piece is always the same filler
-    and every piece's token count is known before placement: the fit is exact, not estimated.
+    Needles sit after filler piece k, k in 1..n, so the document opens with filler and every
+    piece's token count is known before placement: the fit is exact, not estimated.
     `ordered` keeps the needles in list order through the document (a chain of assignments).
     """
     target = parse_length(length)
@@ -201,7 +205,7 @@ def _niah(task, length, tokenizer, seed, index, keys=1, values=1, asked=1, words
         question = f"What are all the magic numbers for {names[0]}?"
     else:
         question = f"What is the magic number for {names[0]}?"
-    haystack = _word_haystack(rng) if words else _noise_haystack()
+    haystack = _word_haystack(rng) if words else _noise_haystack(rng)
     return _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles, relevant,
                           question, vals[:asked * values])
 
@@ -233,14 +237,14 @@ def vt(length, tokenizer, seed=0, index=0) -> Sample:
              for p in rng.choice(26 ** 5, size=5, replace=False)]
     needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
     question = f"Which variables end up holding the value {value}?"
-    return _needle_sample("vt", length, tokenizer, seed, index, rng, _noise_haystack(), needles,
+    return _needle_sample("vt", length, tokenizer, seed, index, rng, _noise_haystack(rng), needles,
                           [True] * 5, question, names, ordered=True)
 
 
 def passkey(length, tokenizer, seed=0, index=0) -> Sample:
     rng = _rng("passkey", seed, index)
     key = _numbers(rng, 1, 5)[0]
-    return _needle_sample("passkey", length, tokenizer, seed, index, rng, _noise_haystack(),
+    return _needle_sample("passkey", length, tokenizer, seed, index, rng, _noise_haystack(rng),
                           [f"The pass key is {key}."], [True], "What is the pass key?", [key])
 
 

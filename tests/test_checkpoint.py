@@ -2,8 +2,8 @@
 
 A broken checkpoint or tokenizer must never land; it would score 0 here. These are held-out needle
 documents at the training length (seed 1; training drew its questions with seed 0), read greedily,
-so the scores are deterministic: the eval in the README measured 11/12 (SFT) and 10/12 (SFT + RL)
-on exactly these samples. The bar of 9/12 leaves room for float differences between machines.
+so the scores are deterministic: the eval in the README got all 12 right, for both checkpoints, on
+exactly these samples. The bar of 10/12 leaves room for float differences between machines.
 """
 import os
 
@@ -28,4 +28,4 @@ def test_shipped_agent_finds_the_needle(name):
     trajectories = agent.run(samples, params=SamplingParams(temperature=0.0))
     assert [t.error for t in trajectories] == [None] * 12
     right = [score(s, t.answer) == 1.0 for s, t in zip(samples, trajectories)]
-    assert sum(right) >= 9, [t.answer_text for t in trajectories]
+    assert sum(right) >= 10, [t.answer_text for t in trajectories]

@@ -140,6 +140,13 @@ def test_deterministic():
         assert (longer.question, longer.answers) == (a[0].question, a[0].answers)
 
 
+def test_noise_cycle_starts_at_a_seeded_sentence():
+    # short training documents must meet the filler cycle at every phase against the chunks
+    for task in ["niah_single", "vt", "passkey"]:
+        firsts = {next(iter(s.document())) for s in tasks.make_samples(task, 512, WordTokenizer(), 32)}
+        assert firsts <= set(tasks.NOISE) and len(firsts) >= 6
+
+
 def test_haystacks_hold_no_key_words():
     key_words = set(tasks.ADJECTIVES) | set(tasks.NOUNS)
     for task in ["niah_single", "niah_single_words"]:
