@@ -10,6 +10,8 @@ Cache layout: [num_blocks, block_size, Hkv, D], a slot is block_id * block_size 
 walked one tile of BLOCK_N = min(block_size, 64) positions at a time, a tile never crossing a page.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -144,68 +146,114 @@ def _decode_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, D: tl.constexpr, NUM_SPLI
 
 def _check(q, k_cache, v_cache):
     D, block_size, Hkv = q.shape[-1], k_cache.shape[1], k_cache.shape[2]
-    assert D >= 16 and D & (D - 1) == 0, f"head dim must be a power of two >= 16, got {D}"
-    assert block_size >= 16 and block_size & (block_size - 1) == 0, \
-        f"block_size must be a power of two >= 16, got {block_size}"
-    assert q.shape[1] % Hkv == 0, f"query heads {q.shape[1]} not a multiple of kv heads {Hkv}"
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \
-        "k_cache and v_cache must share shape and strides"
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1, "the head dim must be contiguous"
-    assert q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head dim must be a power of two >= 16, got {D}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two >= 16, got {block_size}")
+    if q.shape[1] % Hkv:
+        raise ValueError(f"query heads {q.shape[1]} not a multiple of kv heads {Hkv}")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache and v_cache must share shape and strides, got {tuple(k_cache.shape)} "
+                         f"{k_cache.stride()} and {tuple(v_cache.shape)} {v_cache.stride()}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("the head dim of q and of the caches must be contiguous")
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"dtypes differ: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
 
 
-def _upcast(x):
-    # CPU tensors can only run under the interpreter, whose bf16 arithmetic is broken: compute in fp32
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+class Launch(NamedTuple):
+    """One kernel launch, kernel[grid](*args, **meta); meta holds the constexprs, num_warps and
+    num_stages. The *_launches functions below build them; the wrappers run them, and
+    bench/compile_kernels.py compiles the very same ones for a GPU target."""
+    kernel: triton.JITFunction
+    grid: tuple
+    args: tuple
+    meta: dict
+
+    def run(self):
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+def store_kv_launches(k, v, k_cache, v_cache, slot_mapping):
+    N, H, D = k.shape
+    meta = dict(H=H, BLOCK_H=triton.next_power_of_2(H), D=D, BLOCK_SIZE=k_cache.shape[1], num_warps=4, num_stages=1)
+    args = (k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    return [Launch(_store_kv_kernel, (N,), args, meta)]
+
+
+def prefill_launches(q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale,
+                     interpret):
+    """interpret: the kernels run under TRITON_INTERPRET (CPU tensors)."""
+    Hq, B, block_size = q.shape[1], context_lens.shape[0], k_cache.shape[1]
+    block_m = 16 if interpret else 64  # small tiles keep the interpreter's masked work small
+    meta = dict(G=Hq // k_cache.shape[2], D=q.shape[2], BLOCK_SIZE=block_size, BLOCK_M=block_m,
+                BLOCK_N=min(block_size, 64), UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=4, num_stages=2)
+    args = (q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale, q.stride(0), q.stride(1),
+            out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            block_tables.stride(0))
+    return [Launch(_prefill_kernel, (triton.cdiv(max_seqlen_q, block_m), Hq, B), args, meta)]
+
+
+def decode_launches(q, k_cache, v_cache, m, l, acc, out, context_lens, block_tables, scale, interpret):
+    """m, l [B, Hq, splits] and acc [B, Hq, splits, D] (fp32) hold the split kernel's partials for the merge."""
+    B, Hq, D = q.shape
+    Hkv, splits = k_cache.shape[2], m.shape[2]
+    G = Hq // Hkv
+    split_meta = dict(G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_SIZE=k_cache.shape[1],
+                      BLOCK_N=min(k_cache.shape[1], 64), NUM_SPLITS=splits,
+                      UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=4, num_stages=2)
+    split_args = (q, k_cache, v_cache, m, l, acc, context_lens, block_tables, scale, Hq, q.stride(0), q.stride(1),
+                  k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
+    merge_meta = dict(D=D, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), num_warps=4, num_stages=1)
+    return [Launch(_decode_split_kernel, (B, Hkv, splits), split_args, split_meta),
+            Launch(_decode_merge_kernel, (B * Hq,), (m, l, acc, out), merge_meta)]
+
+
+def _interpreted(x):
+    return x.device.type == "cpu"  # CPU tensors can only run under the interpreter
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    N, H, D = k.shape
     _check(k, k_cache, v_cache)
-    assert v.stride(-1) == 1, "the head dim must be contiguous"
-    _store_kv_kernel[(N,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
-                           v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                           H=H, BLOCK_H=triton.next_power_of_2(H), D=D, BLOCK_SIZE=k_cache.shape[1])
+    if v.stride(-1) != 1:
+        raise ValueError("the head dim of v must be contiguous")
+    for launch in store_kv_launches(k, v, k_cache, v_cache, slot_mapping):
+        launch.run()
 
 
 def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale):
     _check(q, k_cache, v_cache)
-    _, Hq, D = q.shape
-    B, block_size = context_lens.shape[0], k_cache.shape[1]
     out = torch.empty_like(q)
-    block_m = 16 if q.device.type == "cpu" else 64  # small tiles keep the interpreter's masked work small
-    grid = (triton.cdiv(max_seqlen_q, block_m), Hq, B)
-    _prefill_kernel[grid](q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale,
-                          q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
-                          k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-                          G=Hq // k_cache.shape[2], D=D, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-                          BLOCK_N=min(block_size, 64), UPCAST=_upcast(q))
+    for launch in prefill_launches(q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
+                                   max_seqlen_q, scale, _interpreted(q)):
+        launch.run()
     return out
 
 
-def default_num_splits(batch, num_kv_heads, max_blocks, device):
-    """A static split count (shapes only, never data): about two waves of programs over the GPU's SMs,
-    at most one split per 4 pages of the longest possible sequence, and at most 32."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+def sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def default_num_splits(batch, num_kv_heads, max_blocks, sms):
+    """A static split count (shapes only, never data): about two waves of programs over the GPU's sms
+    SMs, at most one split per 4 pages of the longest possible sequence, and at most 32."""
     want = triton.cdiv(2 * sms, max(batch * num_kv_heads, 1))
     return max(1, min(want, triton.cdiv(max_blocks, 4), 32))
 
 
+def decode_partials(q, splits):
+    """Empty m, l [B, Hq, splits] and acc [B, Hq, splits, D] (fp32) for the split kernel's partials."""
+    B, Hq, D = q.shape
+    m = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    return m, torch.empty_like(m), torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+
+
 def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None):
     _check(q, k_cache, v_cache)
-    B, Hq, D = q.shape
-    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
-    G = Hq // Hkv
-    splits = num_splits or default_num_splits(B, Hkv, block_tables.shape[1], q.device)
-    m = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, m, l, acc, context_lens, block_tables, scale, Hq, q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_SIZE=block_size,
-        BLOCK_N=min(block_size, 64), NUM_SPLITS=splits, UPCAST=_upcast(q))
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _decode_merge_kernel[(B * Hq,)](m, l, acc, out, D=D, NUM_SPLITS=splits,
-                                    BLOCK_S=triton.next_power_of_2(splits))
+    splits = num_splits or default_num_splits(q.shape[0], k_cache.shape[2], block_tables.shape[1], sm_count(q.device))
+    out = torch.empty_like(q)
+    for launch in decode_launches(q, k_cache, v_cache, *decode_partials(q, splits), out, context_lens, block_tables,
+                                  scale, _interpreted(q)):
+        launch.run()
     return out

@@ -1,6 +1,8 @@
 # Paged KV-cache kernels. The PyTorch reference is checked against dense attention over contiguous
 # K/V; every Triton kernel is then checked against the reference (on CPU through the interpreter,
-# so shapes stay tiny). Cache slots that no sequence owns are NaN: reading one would show.
+# so shapes stay tiny). Cache slots that no sequence owns are NaN for the Triton kernels: reading one
+# would show. The reference decode may read them (masked), so it is given finite ones, as the
+# engine's zeroed cache has.
 import math
 
 import pytest
@@ -10,14 +12,14 @@ import kernels
 from kernels import reference
 
 
-def make_paged(ctx_lens, Hkv, D, block_size, dtype, device="cpu", seed=0):
-    """Dense per-sequence K/V and the same K/V scattered over shuffled cache pages."""
+def make_paged(ctx_lens, Hkv, D, block_size, dtype, device="cpu", seed=0, fill=float("nan")):
+    """Dense per-sequence K/V and the same K/V scattered over shuffled cache pages; other slots = fill."""
     gen = torch.Generator().manual_seed(seed)
     pages = [math.ceil(n / block_size) for n in ctx_lens]
     num_blocks = sum(pages) + 3
     perm = torch.randperm(num_blocks, generator=gen).tolist()
-    k_cache = torch.full((num_blocks, block_size, Hkv, D), float("nan"), dtype=dtype)
-    v_cache = torch.full_like(k_cache, float("nan"))
+    k_cache = torch.full((num_blocks, block_size, Hkv, D), fill, dtype=dtype)
+    v_cache = torch.full_like(k_cache, fill)
     block_tables = torch.full((len(ctx_lens), max(pages) + 1), -1, dtype=torch.int32)  # unused entries: -1
     ks, vs = [], []
     for b, n in enumerate(ctx_lens):
@@ -42,9 +44,9 @@ def dense_attention(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
 
 
-def prefill_case(seqs, Hkv, G, D, block_size, dtype, device="cpu"):
+def prefill_case(seqs, Hkv, G, D, block_size, dtype, device="cpu", fill=float("nan")):
     """seqs: (qlen, context_len) pairs; context_len > qlen is a prefix hit."""
-    ks, vs, k_cache, v_cache, ctx, bt = make_paged([n for _, n in seqs], Hkv, D, block_size, dtype, device)
+    ks, vs, k_cache, v_cache, ctx, bt = make_paged([n for _, n in seqs], Hkv, D, block_size, dtype, device, fill=fill)
     q = torch.randn(sum(ql for ql, _ in seqs), Hkv * G, D).to(dtype=dtype, device=device)
     cu = torch.tensor([0] + [ql for ql, _ in seqs], dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
     return q, k_cache, v_cache, cu, ctx, bt, max(ql for ql, _ in seqs), ks, vs
@@ -55,7 +57,7 @@ SEQS = [(1, 1), (1, 37), (20, 20), (17, 50), (33, 40)]  # qlen 1, prefix hits, r
 
 def test_reference_matches_dense():
     D, scale = 16, 0.3
-    q, k_cache, v_cache, cu, ctx, bt, max_q, ks, vs = prefill_case(SEQS, 2, 3, D, 16, torch.float32)
+    q, k_cache, v_cache, cu, ctx, bt, max_q, ks, vs = prefill_case(SEQS, 2, 3, D, 16, torch.float32, fill=0.0)
     out = reference.prefill_attention(q, k_cache, v_cache, cu, ctx, bt, max_q, scale)
     for b in range(len(SEQS)):
         want = dense_attention(q[cu[b]:cu[b + 1]], ks[b], vs[b], scale)
@@ -72,7 +74,7 @@ def test_reference_decode_buckets(monkeypatch, bucket_tokens):
     # the reference decode sorts the batch by length into buckets: one per sequence, a few, or one
     monkeypatch.setattr(reference, "DECODE_BUCKET_TOKENS", bucket_tokens)
     lens = [37, 0, 1, 70, 16, 5, 0, 33, 17]
-    ks, vs, k_cache, v_cache, ctx, bt = make_paged([max(n, 1) for n in lens], 2, 16, 16, torch.float32)
+    ks, vs, k_cache, v_cache, ctx, bt = make_paged([max(n, 1) for n in lens], 2, 16, 16, torch.float32, fill=0.0)
     ctx = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(len(lens), 4, 16)
     out = reference.decode_attention(q, k_cache, v_cache, ctx, bt, 0.3)
@@ -127,7 +129,8 @@ def test_decode_triton(dtype, block_size, G, num_splits, D):
     q = torch.randn(5, 2 * G, D).to(dtype)
     out = kernels.decode_attention(q, k_cache, v_cache, ctx, bt, 0.25, num_splits=num_splits, backend="triton")
     assert out.dtype == dtype and torch.equal(out[4], torch.zeros_like(out[4]))
-    torch.testing.assert_close(out, reference.decode_attention(q, k_cache, v_cache, ctx, bt, 0.25), **TOL[dtype])
+    want = reference.decode_attention(q, k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0), ctx, bt, 0.25)
+    torch.testing.assert_close(out, want, **TOL[dtype])
 
 
 def test_backend_choice(monkeypatch):
@@ -153,7 +156,8 @@ def test_triton_vs_reference_cuda(dtype, D, G, block_size):
     torch.testing.assert_close(kernels.prefill_attention(*args, backend="triton"),
                                reference.prefill_attention(*args), **tol)
     qd = torch.randn(len(seqs), 2 * G, D, device="cuda").to(dtype)
-    want = reference.decode_attention(qd, k_cache, v_cache, ctx, bt, scale)
+    kf, vf = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)  # the reference decode needs finite slots
+    want = reference.decode_attention(qd, kf, vf, ctx, bt, scale)
     for splits in (1, 5, None):
         got = kernels.decode_attention(qd, k_cache, v_cache, ctx, bt, scale, splits, backend="triton")
         torch.testing.assert_close(got, want, **tol)
@@ -163,4 +167,4 @@ def test_triton_vs_reference_cuda(dtype, D, G, block_size):
         got = kernels.decode_attention(qs, k_cache, v_cache, ctx, bt, scale, backend="triton")
     qs.copy_(torch.randn_like(qs))
     graph.replay()
-    torch.testing.assert_close(got, reference.decode_attention(qs, k_cache, v_cache, ctx, bt, scale), **tol)
+    torch.testing.assert_close(got, reference.decode_attention(qs, kf, vf, ctx, bt, scale), **tol)
