@@ -11,14 +11,22 @@ token slices, the template's text pieces are tokenized once, and the memory the 
 spliced back as the ids it generated. Trajectories advance independently through the engine:
 when one turn finishes, that trajectory's next turn is queued at once.
 """
+import argparse
 import json
 import os
 import re
+import shutil
+import sys
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
-from rollout import SamplingParams
-from tasks import Sample, document_pieces
+import torch
+
+from model import build_model
+from rollout import Engine, SamplingParams, derive_seed
+from tasks import Sample
+from tokenizer import load_tokenizer
 
 # The paper's structure, in our own words. {problem}, {memory} and {section} mark where the ids go.
 TEMPLATES = {
@@ -75,6 +83,72 @@ def load_template(template):
         if missing:
             raise ValueError(f"template '{key}' lacks the placeholders {missing}")
     return t
+
+
+@dataclass
+class AgentConfig:
+    """The agent's token budgets and template: how a checkpoint reads. Saved beside config.json as
+    agent.json so a checkpoint is evaluated the way it was trained. Plain ints and a str, so that
+    train.py's `--agent.chunk_tokens=...` overrides apply; validate() after setting fields by hand."""
+    chunk_tokens: int = 5000  # document tokens read per memory update
+    memory_tokens: int = 1024  # cap on each new memory (the prompt holds the old one too)
+    answer_tokens: int = 1024  # cap on the final answer
+    question_tokens: int = 1024  # longest question accepted
+    template: str = "default"  # a name in TEMPLATES or a JSON file (see load_template)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type is int and not (type(v) is int and v >= 1):
+                raise ValueError(f"agent.{f.name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.template, str):
+            raise ValueError(f"agent.template must be a template name or a file path, got {self.template!r}")
+        try:
+            load_template(self.template)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"agent.template: {e}") from None
+
+    def save(self, model_dir):
+        """Write model_dir/agent.json; a template file is copied in beside it (agent_template.json)."""
+        cfg = asdict(self)
+        if self.template not in TEMPLATES:
+            dst = os.path.join(model_dir, "agent_template.json")
+            if not (os.path.exists(dst) and os.path.samefile(self.template, dst)):
+                shutil.copyfile(self.template, dst)
+            cfg["template"] = "agent_template.json"
+        with open(os.path.join(model_dir, "agent.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, model_dir):
+        """model_dir/agent.json -> AgentConfig (absent keys take their defaults), or None if there is
+        none. A template path in it is relative to model_dir."""
+        path = os.path.join(model_dir, "agent.json")
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        kinds = {f.name: f.type for f in fields(cls)}
+        for key, value in raw.items():
+            if key not in kinds:
+                raise ValueError(f"{path}: unknown key {key!r}; known: {', '.join(kinds)}")
+            if type(value) is not kinds[key]:
+                raise ValueError(f"{path}: key {key!r} should be {kinds[key].__name__}, got {value!r}")
+        if raw.get("template", "default") not in TEMPLATES and not os.path.isabs(raw["template"]):
+            raw["template"] = os.path.join(model_dir, raw["template"])
+        try:
+            return cls(**raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 class SplicedTemplate:
@@ -140,7 +214,8 @@ def document_tokens(document, tokenizer):
 
 class ChunkStream:
     """One document's chunks for its n rollouts: tokenized once, lazily, and each chunk dropped as
-    soon as the slowest rollout has read it, so memory does not grow with the document."""
+    soon as the slowest rollout has read it, so memory does not grow with the document. A document
+    that fails while being read fails for every reader: `error` is kept and raised to each."""
 
     def __init__(self, token_pieces, chunk_tokens, readers):
         self.pieces = token_pieces
@@ -150,6 +225,7 @@ class ChunkStream:
         self.chunks: deque = deque()  # chunks [first, first + len)
         self.first = 0
         self.exhausted = False
+        self.error: str | None = None
         self.position = [0] * readers  # next chunk index of each rollout
 
     def _fill(self, index):
@@ -168,9 +244,15 @@ class ChunkStream:
                 self.start += len(self.chunks[-1])
 
     def next(self, reader):
-        """The reader's next chunk, or None at the end of the document."""
+        """The reader's next chunk, or None at the end of the document; ValueError if it failed."""
         index = self.position[reader]
-        self._fill(index)
+        if self.error is None:
+            try:
+                self._fill(index)
+            except Exception as e:  # whatever the document's source raises (OSError, a generator's bug)
+                self.error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        if self.error is not None:
+            raise ValueError(self.error)
         if index >= self.first + len(self.chunks):
             return None
         chunk = self.chunks[index - self.first]
@@ -222,14 +304,15 @@ class _Rollout:
 
 
 class MemoryAgent:
-    def __init__(self, engine, tokenizer, chunk_tokens=5000, memory_tokens=1024, answer_tokens=1024,
-                 question_tokens=1024, template="default", keep_conversations=True, progress=False):
-        """keep_conversations=False drops each turn's ids once used (evaluation of very long
+    def __init__(self, engine, tokenizer, agent: AgentConfig | None = None, keep_conversations=True,
+                 progress=False):
+        """agent: budgets and template (None: AgentConfig()). engine=None only builds prompts (SFT
+        rows). keep_conversations=False drops each turn's ids once used (evaluation of very long
         documents); training needs them."""
         self.engine, self.tok = engine, tokenizer
-        self.chunk_tokens, self.memory_tokens = chunk_tokens, memory_tokens
-        self.answer_tokens, self.question_tokens = answer_tokens, question_tokens
-        t = load_template(template)
+        self.cfg = agent = agent or AgentConfig()
+        agent.validate()  # its fields may have been set one by one since it was built
+        t = load_template(agent.template)
         self.update = SplicedTemplate(t["update"], tokenizer)
         self.final = SplicedTemplate(t["final"], tokenizer)
         self.direct = SplicedTemplate(t["direct"], tokenizer)
@@ -239,12 +322,22 @@ class MemoryAgent:
         self.stop_ids = tuple(tokenizer.stop_ids)
         # the chat wrapper's own tokens (role headers, default system prompt)
         self.wrapper_tokens = len(self.tok.apply_chat_template([{"role": "user", "content": []}]))
-        budget = (self.wrapper_tokens + self.update.num_text_tokens + question_tokens + chunk_tokens
-                  + 2 * memory_tokens)
-        if engine is not None and budget > engine.max_len:  # no engine: building prompts only (SFT)
-            raise ValueError(f"chunk_tokens={chunk_tokens} + 2 x memory_tokens={memory_tokens} + "
-                             f"question_tokens={question_tokens} + template ({budget} in all) exceed the "
-                             f"model's {engine.max_len} positions")
+        if engine is not None:
+            self._check_budget(engine.max_len)
+
+    def _check_budget(self, max_len):
+        """Every turn's prompt plus its longest output must fit the model's positions."""
+        c = self.cfg
+        memory = max(c.memory_tokens, len(self.empty_memory))  # the old memory in a prompt
+        frame = self.wrapper_tokens + c.question_tokens + memory
+        for template, new, what in ((self.update, c.chunk_tokens + c.memory_tokens,
+                                     f"agent.chunk_tokens={c.chunk_tokens} + 2 x agent.memory_tokens={c.memory_tokens}"),
+                                    (self.final, c.answer_tokens,
+                                     f"agent.answer_tokens={c.answer_tokens} + agent.memory_tokens={c.memory_tokens}")):
+            need = frame + template.num_text_tokens + new
+            if need > max_len:
+                raise ValueError(f"{what} + agent.question_tokens={c.question_tokens} + template and chat frame "
+                                 f"({need} in all) exceed the model's {max_len} positions")
 
     def _wrap(self, content_ids):
         return self.tok.apply_chat_template([{"role": "user", "content": content_ids}])
@@ -256,59 +349,84 @@ class MemoryAgent:
             return self._wrap(self.final.render(problem=problem, memory=memory))
         return self._wrap(self.update.render(problem=problem, memory=memory, section=chunk))
 
-    def run(self, samples: list[Sample], n=1, params: SamplingParams = SamplingParams()) -> list[Trajectory]:
-        """Roll out every sample n times; trajectories come back grouped by sample, rollout order."""
+    def run(self, samples: list[Sample], n=1, params: SamplingParams = SamplingParams(),
+            on_turn=None) -> list[Trajectory]:
+        """Roll out every sample n times; trajectories come back grouped by sample, rollout order.
+        A sample whose question is too long or whose document fails while being read fails alone:
+        all its n trajectories carry the error and no answer. on_turn(trajectory) is called after
+        each finished turn. An exception that escapes (an interrupt, an engine fault) first aborts
+        this run's requests, so the engine is clean for the next run."""
+        if type(n) is not int or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
         out, live = [], []
         for i, s in enumerate(samples):
             trajs = [Trajectory(s.id, k) for k in range(n)]
             out += trajs
             problem = self.tok.encode(s.question)
-            if len(problem) > self.question_tokens:
+            if len(problem) > self.cfg.question_tokens:
                 for t in trajs:
                     t.error = (f"sample {s.id}: question of {len(problem)} tokens exceeds "
-                               f"question_tokens={self.question_tokens}")
+                               f"agent.question_tokens={self.cfg.question_tokens}")
                 continue
-            stream = ChunkStream(document_tokens(s.document, self.tok), self.chunk_tokens, n)
+            stream = ChunkStream(document_tokens(s.document, self.tok), self.cfg.chunk_tokens, n)
             live += [_Rollout(t, problem, stream, k, i) for k, t in enumerate(trajs)]
-
         pending = {}  # engine request id -> rollout
-        for r in live:
-            self._submit(r, params, pending)
+        try:
+            self._loop(live, params, pending, on_turn)
+        except BaseException:
+            for rid in pending:
+                self.engine.abort(rid)
+            raise
+        return out
+
+    def _loop(self, live, params, pending, on_turn):
         bar = None
         if self.progress:
             from tqdm import tqdm
             bar = tqdm(total=len(live), desc="trajectories", unit="traj")
-        while pending:
-            for c in self.engine.step():
-                r = pending.pop(c.request_id)
-                self._finish_turn(r, c)
-                if r.traj.answer_text is None and r.traj.error is None:
-                    self._submit(r, params, pending)
-                elif bar:
+        try:
+            for r in live:
+                if not self._submit(r, params, pending) and bar:
                     bar.update(1)
-                    s = self.engine.stats
-                    bar.set_postfix(tok_s=f"{(s['prefill_tokens'] + s['decode_tokens']) / max(s['prefill_s'] + s['decode_s'], 1e-9):.0f}")
-        if bar:
-            bar.close()
-        return out
+            while pending:
+                done = self.engine.step()
+                if not done and not self.engine.has_unfinished():
+                    raise RuntimeError(f"engine idle with {len(pending)} of this run's requests outstanding")
+                for c in done:
+                    r = pending.pop(c.request_id, None)
+                    if r is None:  # aborted by an earlier, interrupted run after the engine had finished it
+                        continue
+                    self._finish_turn(r, c)
+                    if on_turn:
+                        on_turn(r.traj)
+                    if r.traj.answer_text is None and r.traj.error is None and self._submit(r, params, pending):
+                        continue
+                    if bar:
+                        bar.update(1)
+                        read = sum(x.traj.tokens_read for x in live)
+                        bar.set_postfix(doc_tok_s=f"{read / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+        finally:
+            if bar:
+                bar.close()
 
     def _submit(self, r, params, pending):
-        """Queue the rollout's next turn: a memory update if a chunk remains, else the final answer."""
+        """Queue the rollout's next turn: a memory update if a chunk remains, else the final answer.
+        False if the rollout fails instead: its document could not be read (by it or a sibling)."""
         try:
             chunk = r.stream.next(r.reader)
-        except ValueError as e:  # an unreadable document: this sample fails, the rest go on
+        except ValueError as e:
             r.traj.error = f"sample {r.traj.sample_id}: {e}"
-            return
+            return False
         if chunk is not None:
             r.traj.tokens_read += len(chunk)
         r.is_final = chunk is None
         r.prompt = self.prompt(r.problem, r.memory, chunk)
-        max_new = self.answer_tokens if r.is_final else self.memory_tokens
-        seed = None if params.seed is None else hash((params.seed, r.sample_index, r.reader, r.traj.turns)) & 0x7FFFFFFF
-        sp = SamplingParams(params.temperature, params.top_p, params.top_k, max_new,
-                            tuple(params.stop_token_ids) or self.stop_ids, seed)
-        rid = self.engine.add_request(r.prompt, sp)
-        pending[rid] = r
+        seed = None if params.seed is None else derive_seed(params.seed, r.sample_index, r.reader, r.traj.turns)
+        sp = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                            max_new_tokens=self.cfg.answer_tokens if r.is_final else self.cfg.memory_tokens,
+                            stop_token_ids=tuple(params.stop_token_ids) or self.stop_ids, seed=seed)
+        pending[self.engine.add_request(r.prompt, sp)] = r
+        return True
 
     def _finish_turn(self, r, c):
         t = r.traj
@@ -338,3 +456,76 @@ class MemoryAgent:
         if len(doc) > room:
             doc = doc[:room // 2] + doc[len(doc) - (room - room // 2):]
         return self._wrap(self.direct.render(problem=problem, section=doc))
+
+
+# --------------------------------------------------------------------------------------------
+# command line: the agent's flags (shared with eval.py) and the one-document quickstart
+
+def add_agent_flags(parser):
+    """--chunk-tokens, --memory-tokens, --answer-tokens, --question-tokens, --template."""
+    for f in fields(AgentConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
+                            help=f"overrides the checkpoint's agent.json (without one: {f.default})")
+
+
+def agent_config(model, args):
+    """The checkpoint's agent.json (AgentConfig() where there is none) with the flags given applied."""
+    base = (AgentConfig.load(model) if os.path.isdir(model) else None) or AgentConfig()
+    return replace(base, **{f.name: getattr(args, f.name) for f in fields(AgentConfig)
+                            if getattr(args, f.name) is not None})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Read one document with a memory agent and answer a question.")
+    p.add_argument("--model", required=True, help="HF checkpoint directory (or a tiny config name: random weights)")
+    p.add_argument("--document", required=True, help="a UTF-8 text file (read line by line, never whole)")
+    p.add_argument("--question", required=True)
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
+    add_agent_flags(p)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="a progress bar instead of the memory after each chunk")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:  # every argument is checked before the model is loaded
+        agent_cfg = agent_config(args.model, args)
+        if not os.path.isfile(args.document):
+            raise ValueError(f"--document: no such file {args.document!r}")
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        params.check()
+        tok = load_tokenizer(args.tokenizer or args.model)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
+    print(f"agent: {asdict(agent_cfg)}")
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
+    try:
+        agent = MemoryAgent(Engine(model), tok, agent_cfg, keep_conversations=False)
+    except ValueError as e:
+        p.error(str(e))
+    bar = None
+    if args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(desc="reading", unit="tok")
+
+    def show(traj):
+        if bar is not None:
+            bar.update(traj.tokens_read - bar.n)
+        elif traj.answer_text is None and traj.error is None:
+            print(f"--- memory after chunk {len(traj.memories)} ({traj.tokens_read} document tokens read)\n"
+                  f"{traj.memories[-1]}", flush=True)
+
+    sample = Sample("document", args.question, Path(args.document), [])
+    traj = agent.run([sample], params=params, on_turn=show)[0]
+    if bar is not None:
+        bar.close()
+    if traj.error:
+        sys.exit(f"error: {traj.error}")
+    print(f"--- answer ({traj.tokens_read} document tokens in {len(traj.memories)} chunks)\n{traj.answer_text}")
+    print(f"boxed: {traj.answer}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,21 +9,23 @@ import os
 
 import pytest
 
-from memory_agent import MemoryAgent
+from memory_agent import AgentConfig, MemoryAgent
 from model import build_model
 from rollout import Engine, SamplingParams
 from tasks import make_samples, score
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AGENT = dict(chunk_tokens=128, memory_tokens=96, answer_tokens=48, question_tokens=32, template="compact")
+# the settings both were trained with (configs/tiny-sft.json, configs/tiny.json)
+AGENT = AgentConfig(chunk_tokens=128, memory_tokens=96, answer_tokens=48, question_tokens=32, template="compact")
 
 
 @pytest.mark.parametrize("name", ["tiny-sft", "tiny"])
 def test_shipped_agent_finds_the_needle(name):
     path = os.path.join(ROOT, "checkpoints", name)
     tok = load_tokenizer(path)
-    agent = MemoryAgent(Engine(build_model(path), num_blocks=1024), tok, **AGENT)
+    assert AgentConfig.load(path) == AGENT  # agent.json carries them
+    agent = MemoryAgent(Engine(build_model(path), num_blocks=1024), tok, AgentConfig.load(path))
     samples = make_samples("niah_single", 512, tok, num=12, seed=1)  # 4 chunks each
     trajectories = agent.run(samples, params=SamplingParams(temperature=0.0))
     assert [t.error for t in trajectories] == [None] * 12

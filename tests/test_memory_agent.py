@@ -3,12 +3,16 @@
 The plumbing is proven with a scripted stand-in for the LLM (it keeps the lines of a section that
 mention the key), so the agent must answer needle tasks at every length whatever a model can do.
 """
+import json
+import os
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from memory_agent import ChunkStream, MemoryAgent, document_tokens, extract_boxed
+from memory_agent import AgentConfig, ChunkStream, MemoryAgent, document_tokens, extract_boxed, main
 from rollout import Completion, Engine, SamplingParams
 from tasks import Sample, make_samples, score
 
@@ -49,6 +53,9 @@ class ScriptedEngine:
     def has_unfinished(self):
         return bool(self.queue)
 
+    def abort(self, rid):
+        self.queue = [q for q in self.queue if q[0] != rid]
+
     def step(self):
         done, self.queue = self.queue, []
         out = []
@@ -75,12 +82,13 @@ class ScriptedEngine:
 
 
 TOK = CharTokenizer()
+SMALL = AgentConfig(chunk_tokens=1500, memory_tokens=300, answer_tokens=64)
 
 
 @pytest.mark.parametrize("length", [2000, 9000, 60000])
 def test_scripted_policy_answers_needles_at_every_length(length):
     samples = make_samples("niah_single", length, TOK, num=3, seed=1)
-    agent = MemoryAgent(ScriptedEngine(TOK), TOK, chunk_tokens=1500, memory_tokens=300, answer_tokens=64)
+    agent = MemoryAgent(ScriptedEngine(TOK), TOK, SMALL)
     trajs = agent.run(samples)
     for s, t in zip(samples, trajs):
         doc_tokens = s.meta["doc_tokens"]
@@ -94,7 +102,8 @@ def test_chunks_are_exact_slices_and_prompts_fit():
     sample = make_samples("passkey", 5000, TOK, num=1)[0]
     doc = [i for piece in document_tokens(sample.document, TOK) for i in piece]
     engine = ScriptedEngine(TOK, max_len=4000)
-    agent = MemoryAgent(engine, TOK, chunk_tokens=1000, memory_tokens=500, answer_tokens=64, question_tokens=200)
+    agent = MemoryAgent(engine, TOK, AgentConfig(chunk_tokens=1000, memory_tokens=500, answer_tokens=64,
+                                                 question_tokens=200))
     t = agent.run([sample])[0]
     chunks = []
     for c in t.conversations[:-1]:
@@ -113,7 +122,7 @@ def test_short_documents_finish_first():
     s = make_samples("niah_single", 1500, TOK, num=1, seed=2)[0]
     long = make_samples("niah_single", 30000, TOK, num=1, seed=3)[0]
     engine = ScriptedEngine(TOK)
-    agent = MemoryAgent(engine, TOK, chunk_tokens=1500, memory_tokens=300, answer_tokens=64)
+    agent = MemoryAgent(engine, TOK, SMALL)
     agent.run([long, s])
     finals = [i for i, (problem, kind) in enumerate(engine.log) if kind == "final"]
     short_final = next(i for i in finals if engine.log[i][0] == s.question)
@@ -152,8 +161,7 @@ def test_bad_input_fails_one_sample_and_the_rest_go_on(tmp_path):
                Sample("long-q", "why? " * 100, "text", ["x"]),
                Sample("binary", good.question, tmp_path / "bad.txt", ["x"]),
                good]
-    agent = MemoryAgent(ScriptedEngine(TOK), TOK, chunk_tokens=1500, memory_tokens=300, answer_tokens=64,
-                        question_tokens=100)
+    agent = MemoryAgent(ScriptedEngine(TOK), TOK, replace(SMALL, question_tokens=100))
     empty, long_q, binary, ok = agent.run(samples)
     assert empty.error is None and len(empty.conversations) == 1 and empty.conversations[0].is_final
     assert "long-q" in long_q.error and "question_tokens=100" in long_q.error
@@ -170,8 +178,8 @@ def test_with_the_real_engine_and_section_first_prefix_sharing():
     cached = {}
     for template in ("default", "section_first"):
         engine = Engine(model, num_blocks=256, block_size=16)
-        agent = MemoryAgent(engine, TOK, chunk_tokens=128, memory_tokens=16, answer_tokens=8,
-                            question_tokens=64, template=template)
+        agent = MemoryAgent(engine, TOK, AgentConfig(chunk_tokens=128, memory_tokens=16, answer_tokens=8,
+                                                   question_tokens=64, template=template))
         trajs = agent.run([sample], n=4, params=SamplingParams(temperature=1.0, seed=0))
         assert all(len(t.conversations) == 5 and t.error is None for t in trajs)
         for t in trajs:
@@ -179,3 +187,125 @@ def test_with_the_real_engine_and_section_first_prefix_sharing():
                 assert len(c.response_ids) == len(c.logprobs) <= 16
         cached[template] = engine.blocks.cache_hits
     assert cached["section_first"] > cached["default"] > 0
+
+
+def test_final_turn_budget_is_checked_too():
+    with pytest.raises(ValueError, match="agent.answer_tokens=3000"):
+        MemoryAgent(ScriptedEngine(TOK, max_len=4000), TOK, replace(SMALL, answer_tokens=3000))
+
+
+def test_agent_config_validates_saves_and_loads(tmp_path):
+    for bad, field in ((dict(chunk_tokens=0), "chunk_tokens"), (dict(memory_tokens="96"), "memory_tokens"),
+                       (dict(answer_tokens=True), "answer_tokens"), (dict(template="nope"), "template")):
+        with pytest.raises(ValueError, match=f"agent.{field}"):
+            AgentConfig(**bad)
+    assert AgentConfig.load(tmp_path) is None
+    tiny = AgentConfig(128, 96, 48, 32, "compact")
+    tiny.save(tmp_path)
+    assert AgentConfig.load(tmp_path) == tiny
+    # a template file travels with the checkpoint: copied in, found again relative to the directory
+    (tmp_path / "t.json").write_text(json.dumps({"update": "{problem}|{memory}|{section}", "final": "{problem}|{memory}"}))
+    (tmp_path / "ckpt").mkdir()
+    AgentConfig(template=str(tmp_path / "t.json")).save(tmp_path / "ckpt")
+    (tmp_path / "t.json").unlink()
+    loaded = AgentConfig.load(tmp_path / "ckpt")
+    assert loaded.template == str(tmp_path / "ckpt" / "agent_template.json")
+    assert MemoryAgent(None, TOK, loaded).final.render(problem=[5], memory=[6]) == [5, ord("|") + 2, 6]
+    for text, match in (('{"chunk_tokens": 128, "chunks": 3}', "agent.json: unknown key 'chunks'"),
+                        ('{"chunk_tokens": "128"}', "agent.json: key 'chunk_tokens' should be int"),
+                        ('{"memory_tokens": 0}', "agent.json: agent.memory_tokens must be"),
+                        ('{"chunk_tokens": 128', "agent.json: cannot read"), ("[1]", "agent.json: expected")):
+        (tmp_path / "agent.json").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            AgentConfig.load(tmp_path)
+
+
+def test_run_refuses_fewer_than_one_rollout():
+    agent = MemoryAgent(ScriptedEngine(TOK), TOK, SMALL)
+    for n in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="n must be an integer >= 1"):
+            agent.run(make_samples("niah_single", 2000, TOK, num=1), n=n)
+
+
+def _breaks_after(text, error):
+    def pieces():
+        yield text[:1000]
+        yield text[1000:2000]
+        raise error
+    return pieces
+
+
+@pytest.mark.parametrize("error", [OSError("disk gone"), RuntimeError("generator bug"), ValueError("bad byte"),
+                                   "missing"])
+def test_a_document_failing_midway_fails_all_its_rollouts_and_only_them(error, tmp_path):
+    good = make_samples("niah_single", 4000, TOK, num=2, seed=4)
+    doc = (tmp_path / "nope.txt" if error == "missing"
+           else _breaks_after("".join(document_tokens_text(good[0])), error))
+    bad = Sample("bad", good[0].question, doc, good[0].answers)
+    with_bad = MemoryAgent(ScriptedEngine(TOK), TOK, SMALL).run([good[0], bad, good[1]], n=3)
+    alone = MemoryAgent(ScriptedEngine(TOK), TOK, SMALL).run(good, n=3)
+    failed = with_bad[3:6]
+    message = "nope.txt" if error == "missing" else str(error)
+    assert all(t.error and "sample bad" in t.error and message in t.error for t in failed), [t.error for t in failed]
+    assert all(t.answer is None and t.answer_text is None for t in failed)
+    if error != "missing":  # the first chunk was read before the document broke
+        assert all(t.tokens_read == 1500 for t in failed)
+    for t, u in zip(with_bad[:3] + with_bad[6:], alone):
+        assert t.error is None and t.answer == u.answer and t.answer is not None
+        assert [(c.prompt_ids, c.response_ids) for c in t.conversations] == \
+               [(c.prompt_ids, c.response_ids) for c in u.conversations]
+
+
+def document_tokens_text(sample):
+    return [TOK.decode(ids) for ids in document_tokens(sample.document, TOK)]
+
+
+class FaultyEngine(ScriptedEngine):
+    """Fails once, at its third step, as an engine bug would."""
+
+    def step(self):
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.steps == 3:
+            raise RuntimeError("engine fault")
+        return super().step()
+
+
+def _interrupt(traj):
+    if traj.turns == 2:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how", ["interrupt", "engine fault"])
+def test_an_escaping_exception_leaves_the_engine_clean(how):
+    samples = make_samples("niah_single", 6000, TOK, num=2, seed=5)
+    engine = FaultyEngine(TOK) if how == "engine fault" else ScriptedEngine(TOK)
+    agent = MemoryAgent(engine, TOK, SMALL)
+    with pytest.raises(RuntimeError if how == "engine fault" else KeyboardInterrupt):
+        agent.run(samples, n=2, on_turn=_interrupt if how == "interrupt" else None)
+    assert not engine.has_unfinished()  # every request of the broken run was aborted
+    again = agent.run(samples, n=2)
+    fresh = MemoryAgent(ScriptedEngine(TOK), TOK, SMALL).run(samples, n=2)
+    assert [(t.answer, t.memories) for t in again] == [(t.answer, t.memories) for t in fresh]
+    assert all(score(s, t.answer) == 1.0 for s, t in zip([samples[0]] * 2 + [samples[1]] * 2, again))
+
+
+def test_quickstart_reads_one_document_with_the_checkpoints_settings(tmp_path, capsys):
+    from tasks import document_text
+    from tokenizer import load_tokenizer
+    model_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "tiny")
+    tok = load_tokenizer(model_dir)
+    sample = make_samples("niah_single", 512, tok, num=1, seed=1)[0]
+    (tmp_path / "doc.txt").write_text(document_text(sample))
+    argv = ["--model", model_dir, "--document", str(tmp_path / "doc.txt"), "--question", sample.question]
+    main(argv)  # chunk 128 from agent.json: the default 5000 would not fit the model's 2048 positions
+    out = capsys.readouterr().out
+    chunks = -(-sum(map(len, document_tokens(tmp_path / "doc.txt", tok))) // 128)
+    assert f"memory after chunk {chunks} " in out and f"memory after chunk {chunks + 1} " not in out
+    assert f"boxed: {sample.answers[0]}" in out  # the shipped agent reads this needle right
+    main(argv + ["--chunk-tokens", "64", "--quiet"])
+    out = capsys.readouterr().out
+    assert "memory after" not in out and f"in {-(-chunks * 128 // 64)} chunks" in out
+    for extra, match in ((["--chunk-tokens", "0"], "agent.chunk_tokens"), (["--document", "/no/such"], "no such file")):
+        with pytest.raises(SystemExit):
+            main(argv + extra)
+        assert match in capsys.readouterr().err
