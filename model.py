@@ -31,6 +31,79 @@ ARCHITECTURES = {  # HF `architectures` value -> family
     "Qwen3ForCausalLM": "qwen3",
 }
 
+# RoPE variants rope_inv_freq computes: rope_type -> (required fields, optional fields), HF's names.
+ROPE_TYPES = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (("factor",), ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                           "mscale", "mscale_all_dim", "truncate")),
+}
+
+
+def check_rope(theta, scaling, where):
+    """Validate RoPE settings; return the scaling dict as {"rope_type": ..., fields} (a copy), or
+    None for plain RoPE. Errors name `where` (the file and key) and the offending field."""
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < math.inf:
+        raise ValueError(f"{where}: rope_theta={theta!r} must be a number > 1")
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{where}: the RoPE scaling must be a dict, got {scaling!r}")
+    fields = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"{where}: rope_type '{kind}' is not supported ({', '.join(ROPE_TYPES)})")
+    required, optional = ROPE_TYPES[kind]
+    missing = [k for k in required if fields.get(k) is None]
+    if missing:
+        raise ValueError(f"{where}: rope_type '{kind}' needs the field(s) {missing}")
+    unknown = sorted(set(fields) - set(required) - set(optional))
+    if unknown:
+        raise ValueError(f"{where}: field(s) {unknown} are not supported for rope_type '{kind}' "
+                         f"(supported: {list(required + optional)})")
+    for k, v in fields.items():
+        if k == "truncate":
+            if not isinstance(v, bool):
+                raise ValueError(f"{where}: truncate={v!r} must be true or false")
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            raise ValueError(f"{where}: {k}={v!r} must be a positive number")
+    if kind == "llama3" and fields["high_freq_factor"] <= fields["low_freq_factor"]:
+        raise ValueError(f"{where}: llama3 needs high_freq_factor > low_freq_factor, got "
+                         f"{fields['high_freq_factor']} and {fields['low_freq_factor']}")
+    return None if kind == "default" else {"rope_type": kind, **fields}
+
+
+def rope_from_hf(hf, path, max_pos):
+    """(rope_theta, rope_scaling) from a config.json dict in either layout: transformers 4's top-level
+    rope_theta + rope_scaling, or 5's rope_parameters (theta and type inside). A file holding both
+    must say the same thing in each. As HF does, llama3/yarn without original_max_position_embeddings
+    take max_position_embeddings."""
+    merged, origin = {}, {}
+    if hf.get("rope_theta") is not None:
+        merged["rope_theta"], origin["rope_theta"] = hf["rope_theta"], "rope_theta"
+    for key in ("rope_scaling", "rope_parameters"):
+        block = hf.get(key)
+        if block is None:
+            continue
+        if not isinstance(block, dict) or any(isinstance(v, dict) for v in block.values()):
+            raise ValueError(f"{path}: {key}={block!r} is not supported (one flat dict of RoPE fields "
+                             "for all layers)")
+        for k, v in block.items():
+            k = "rope_type" if k == "type" else k
+            if k in merged and merged[k] != v:
+                raise ValueError(f"{path}: {key}.{k}={v!r} contradicts {origin[k]}={merged[k]!r}")
+            merged[k], origin[k] = v, f"{key}.{k}"
+    blocks = [k for k in ("rope_scaling", "rope_parameters") if hf.get(k)]
+    where = f"{path}: {' / '.join(blocks) or 'rope_theta'}"
+    theta = merged.pop("rope_theta", 10000.0)
+    partial = merged.pop("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor={partial!r} is not supported (only 1.0)")
+    if merged.get("rope_type") in ("llama3", "yarn") and merged.get("original_max_position_embeddings") is None:
+        merged["original_max_position_embeddings"] = max_pos  # HF's default, before any window cap
+    return theta, check_rope(theta, merged or None, where)
+
 
 @dataclass
 class ModelConfig:
@@ -51,6 +124,9 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
+
+    def __post_init__(self):
+        self.rope_scaling = check_rope(self.rope_theta, self.rope_scaling, "ModelConfig")
 
     @classmethod
     def from_hf(cls, path):
@@ -78,6 +154,7 @@ class ModelConfig:
         num_heads = need("num_attention_heads")
         hidden = need("hidden_size")
         max_pos = hf.get("max_position_embeddings", 4096)
+        theta, scaling = rope_from_hf(hf, path, max_pos)
         # Sliding-window attention equals full attention for sequences no longer than the window,
         # so a model with an active window is served exactly up to the window's length.
         window = hf.get("sliding_window")
@@ -93,8 +170,8 @@ class ModelConfig:
             head_dim=hf.get("head_dim") or hidden // num_heads,
             intermediate_size=need("intermediate_size"),
             rms_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=hf.get("rope_theta", 10000.0),
-            rope_scaling=hf.get("rope_scaling"),
+            rope_theta=theta,
+            rope_scaling=scaling,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             max_position_embeddings=max_pos,
             attention_bias=family == "qwen2" or hf.get("attention_bias", False),
@@ -118,8 +195,12 @@ class ModelConfig:
             "intermediate_size": self.intermediate_size,
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_eps,
+            # transformers 4 reads rope_theta + rope_scaling, 5 reads rope_parameters (and prefers
+            # rope_scaling when it is set): writing both, equal, loads the same RoPE in either.
             "rope_theta": self.rope_theta,
             "rope_scaling": self.rope_scaling,
+            "rope_parameters": {"rope_type": "default", **(self.rope_scaling or {}),
+                                "rope_theta": self.rope_theta},
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": self.bos_token_id,
@@ -161,8 +242,8 @@ def rope_inv_freq(cfg: ModelConfig):
     d = cfg.head_dim
     pairs = torch.arange(0, d, 2, dtype=torch.float64, device="cpu")
     inv_freq = 1.0 / cfg.rope_theta ** (pairs / d)  # (D/2,)
-    rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type", "default"))
+    rs = cfg.rope_scaling or {}  # validated and normalised by ModelConfig
+    kind = rs.get("rope_type", "default")
     if kind == "default":
         return inv_freq.float(), 1.0
     if kind == "linear":  # positions divided by factor
@@ -180,20 +261,29 @@ def rope_inv_freq(cfg: ModelConfig):
     if kind == "yarn":
         # NTK-by-parts: dimensions that rotate fewer than beta_slow times over the original context
         # are interpolated (/factor), those rotating more than beta_fast times are kept, a linear
-        # ramp in between; cos/sin are scaled by 0.1*ln(factor)+1.
+        # ramp in between; cos/sin are scaled by mscale(factor) = 0.1*ln(factor)+1 (1 for factor <= 1),
+        # or by mscale(factor, mscale) / mscale(factor, mscale_all_dim) where both are given.
         factor = rs["factor"]
         old_len = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
-        beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
+        beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
 
         def dim_of(rotations):  # the pair index that completes `rotations` turns over old_len
             return d * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
 
-        lo = max(math.floor(dim_of(beta_fast)), 0)
-        hi = min(math.ceil(dim_of(beta_slow)), d - 1)
-        ramp = ((torch.arange(d // 2, dtype=torch.float64, device="cpu") - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
-        keep = 1 - ramp
-        out = inv_freq / factor * (1 - keep) + inv_freq * keep
-        attn_factor = rs.get("attention_factor") or 0.1 * math.log(factor) + 1.0
+        def mscale(m=1.0):
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+        lo, hi = dim_of(beta_fast), dim_of(beta_slow)
+        if rs.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        pair = torch.arange(d // 2, dtype=torch.float64, device="cpu")
+        ramp = ((pair - lo) / (hi - lo if hi != lo else 1e-3)).clamp(0, 1)  # (D/2,) 0 = keep, 1 = interpolate
+        out = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+        attn_factor = rs.get("attention_factor")
+        if attn_factor is None:
+            both = rs.get("mscale") and rs.get("mscale_all_dim")
+            attn_factor = mscale(rs["mscale"]) / mscale(rs["mscale_all_dim"]) if both else mscale()
         return out.float(), attn_factor
     raise ValueError(f"rope_scaling type '{kind}' is not supported (default, linear, llama3, yarn)")
 
@@ -316,8 +406,8 @@ class Transformer(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         elif kv is None:
             # Sequence s of the batch goes to row s of a right-padded (S, L) layout, token at its
-            # position: plain causal attention there never sees another sequence nor the padding,
-            # and costs sum over sequences of L^2 instead of T^2 per row.
+            # position: plain causal attention there never sees another sequence nor the padding.
+            # It costs S * L^2 (every sequence padded to the longest, L), not B * T^2.
             pos = position_ids.flatten()  # (B*T,)
             assert bool((position_ids[:, 0] == 0).all()), "each packed row must start a sequence at position 0"
             seg = (pos == 0).cumsum(0) - 1  # (B*T,) which sequence each token is in
@@ -381,10 +471,10 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu"):
         """Load a HF model directory (config.json + model.safetensors, or shards listed in
-        model.safetensors.index.json). Tensors go straight to `dtype` on `device`, one at a time;
-        the model is built on the meta device, so no full fp32 copy is ever made."""
-        from safetensors import safe_open
-
+        model.safetensors.index.json). Tensors go straight to `dtype` (a torch.dtype or its name,
+        "bfloat16") on `device`, one at a time; the model is built on the meta device, so no full
+        fp32 copy is ever made. Every tensor is checked finite."""
+        dtype = as_dtype(dtype)
         cfg = ModelConfig.from_hf(path)
         with torch.device("meta"):
             model = cls(cfg)
@@ -393,7 +483,10 @@ class Transformer(nn.Module):
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
             with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+                try:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
         elif os.path.isfile(single):
             files = ["model.safetensors"]
         else:
@@ -403,19 +496,7 @@ class Transformer(nn.Module):
             fpath = os.path.join(path, fname)
             if not os.path.isfile(fpath):
                 raise FileNotFoundError(f"{fpath}: weight file listed in the index is missing")
-            with safe_open(fpath, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq"):
-                        continue  # some exports save the RoPE buffer; we recompute it
-                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                        continue  # tied: the embedding is the head
-                    if key not in expected:
-                        raise ValueError(f"{fpath}: unexpected weight '{key}' for a {cfg.family} model")
-                    t = f.get_tensor(key)
-                    if tuple(t.shape) != tuple(expected[key].shape):
-                        raise ValueError(f"{fpath}: weight '{key}' has shape {tuple(t.shape)}, "
-                                         f"config.json implies {tuple(expected[key].shape)}")
-                    state[our_name(key)] = t.to(device=device, dtype=dtype)
+            state.update(_load_weights(fpath, expected, cfg, dtype, device))
         missing = sorted(k for k in expected if our_name(k) not in state)
         if missing:
             raise ValueError(f"{path}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -462,6 +543,44 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def _load_weights(fpath, expected, cfg, dtype, device):
+    """The tensors of one safetensors file, by our names, checked against the model's expected
+    shapes (`expected`: HF key -> meta parameter) and for NaN/inf, as `dtype` on `device`."""
+    from safetensors import SafetensorError, safe_open
+
+    state = {}
+    try:
+        with safe_open(fpath, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue  # some exports save the RoPE buffer; we recompute it
+                if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # tied: the embedding is the head
+                if key not in expected:
+                    raise ValueError(f"{fpath}: unexpected weight '{key}' for a {cfg.family} model")
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[key].shape):
+                    raise ValueError(f"{fpath}: weight '{key}' has shape {tuple(t.shape)}, "
+                                     f"config.json implies {tuple(expected[key].shape)}")
+                x = t.to(device=device, dtype=dtype)
+                if not torch.isfinite(x).all():
+                    why = "holds NaN or inf" if not torch.isfinite(t).all() else f"overflows {dtype}"
+                    raise ValueError(f"{fpath}: weight '{key}' {why}")
+                state[our_name(key)] = x
+    except SafetensorError as e:  # truncated or not safetensors at all
+        raise ValueError(f"{fpath}: not a readable safetensors file ({e})") from None
+    return state
+
+
+def as_dtype(dtype):
+    """A torch floating dtype, given as itself or by name ("bfloat16", "torch.float32")."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a torch floating dtype (e.g. torch.bfloat16 or 'bfloat16')")
+    return dtype
+
+
 def hf_name(name):
     """Our parameter name -> the HF checkpoint key."""
     return name if name.startswith("lm_head.") else "model." + name
@@ -472,10 +591,11 @@ def our_name(key):
 
 
 def build_model(name_or_path, dtype=torch.float32, device="cpu", seed=0):
-    """A checkpoint directory, or the name of a tiny from-scratch config (fresh random weights)."""
+    """A checkpoint directory, or the name of a tiny from-scratch config (fresh random weights).
+    dtype: a torch.dtype or its name."""
     if name_or_path in TINY_CONFIGS:
         cfg = replace(TINY_CONFIGS[name_or_path])
-        return Transformer(cfg).init_weights(seed).to(device=device, dtype=dtype)
+        return Transformer(cfg).init_weights(seed).to(device=device, dtype=as_dtype(dtype))
     if not os.path.isdir(name_or_path):
         raise FileNotFoundError(f"model '{name_or_path}' is neither a checkpoint directory nor one of "
                                 f"the tiny configs {sorted(TINY_CONFIGS)}")

@@ -253,3 +253,144 @@ def test_missing_and_misshapen_weights(tmp_path):
     save_file(bad, path)
     with pytest.raises(ValueError, match=r"model.norm.weight.*\(7,\)"):
         Transformer.from_pretrained(tmp_path)
+
+
+# -- config.json: both RoPE layouts, validation at config time ---------------------------------
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+
+
+def write_config(tmp_path, cfg, **rope_keys):
+    """cfg's config.json with its RoPE keys replaced by rope_keys (None deletes one)."""
+    hf = cfg.to_hf()
+    for k in ("rope_theta", "rope_scaling", "rope_parameters"):
+        hf.pop(k)
+    hf.update({k: v for k, v in rope_keys.items() if v is not None})
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    return tmp_path / "config.json"
+
+
+def test_from_hf_reads_transformers5_rope_parameters(tmp_path):
+    # transformers 5 writes theta and type inside rope_parameters, nothing at the top level
+    want = tiny_config("llama", rope_theta=500000.0, rope_scaling=dict(LLAMA3))
+    path = write_config(tmp_path, want, rope_parameters={**LLAMA3, "rope_theta": 500000.0})
+    assert ModelConfig.from_hf(path) == want
+    path = write_config(tmp_path, want, rope_theta=500000.0, rope_scaling={**LLAMA3})  # transformers 4
+    assert ModelConfig.from_hf(path) == want
+    plain = tiny_config("qwen2", rope_theta=1e6)
+    path = write_config(tmp_path, plain, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    assert ModelConfig.from_hf(path) == plain and plain.rope_scaling is None
+    # the file we write carries both layouts, and they agree
+    hf = want.to_hf()
+    assert hf["rope_theta"] == 500000.0 and hf["rope_scaling"] == LLAMA3
+    assert hf["rope_parameters"] == {**LLAMA3, "rope_theta": 500000.0}
+    assert plain.to_hf()["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e6}
+
+
+def test_from_hf_old_type_key_and_default_original_length(tmp_path):
+    cfg = tiny_config("llama")
+    path = write_config(tmp_path, cfg, rope_scaling={"type": "yarn", "factor": 4.0})
+    got = ModelConfig.from_hf(path)  # as HF does: the original length defaults to max_position_embeddings
+    assert got.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    assert got.rope_theta == 10000.0
+
+
+@pytest.mark.parametrize("keys, match", [
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}), r"rope_parameters.*'linear'.*\['factor'\]"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), r"rope_scaling.*low_freq_factor"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), r"rope_parameters.*'dynamic' is not supported"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "beta_fast": 3}), r"\['beta_fast'\].*'linear'"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": "2"}), r"factor='2' must be a positive number"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "truncate": None}), r"truncate=None"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     r"partial_rotary_factor=0.5"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}), r"flat dict"),
+    (dict(rope_theta=1e4, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+     r"rope_parameters.rope_theta=500000.0 contradicts rope_theta=10000.0"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_parameters={"rope_type": "default"}),
+     r"rope_parameters.rope_type='default' contradicts rope_scaling.rope_type='linear'"),
+    (dict(rope_theta=-1.0), r"rope_theta=-1.0"),
+])
+def test_bad_rope_settings_name_the_file_and_key(tmp_path, keys, match):
+    path = write_config(tmp_path, tiny_config("llama"), **keys)
+    with pytest.raises(ValueError, match=match) as e:
+        ModelConfig.from_hf(path)
+    assert str(path) in str(e.value)
+
+
+def test_rope_checked_when_the_config_is_built():
+    with pytest.raises(ValueError, match=r"ModelConfig.*'linear' needs the field\(s\) \['factor'\]"):
+        tiny_config("llama", rope_scaling={"rope_type": "linear"})
+    with pytest.raises(ValueError, match="high_freq_factor > low_freq_factor"):
+        tiny_config("llama", rope_scaling={**LLAMA3, "high_freq_factor": 1.0})
+    # the old "type" key is accepted and normalised, so the config writes a clean rope_parameters
+    cfg = tiny_config("llama", rope_scaling={"type": "linear", "factor": 2.0})
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert cfg.to_hf()["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+
+
+def test_yarn_attention_factor_variants():
+    base = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    assert rope_inv_freq(tiny_config("llama", rope_scaling=base))[1] == pytest.approx(0.1 * math.log(4) + 1)
+    both = {**base, "mscale": 0.707, "mscale_all_dim": 1.0}
+    want = (0.1 * 0.707 * math.log(4) + 1) / (0.1 * math.log(4) + 1)
+    assert rope_inv_freq(tiny_config("llama", rope_scaling=both))[1] == pytest.approx(want)
+    assert rope_inv_freq(tiny_config("llama", rope_scaling={**base, "factor": 1.0}))[1] == 1.0
+    given = {**base, "attention_factor": 1.5}
+    assert rope_inv_freq(tiny_config("llama", rope_scaling=given))[1] == 1.5
+    # without truncation the ramp's ends are fractional, so some frequency changes
+    a = rope_inv_freq(tiny_config("llama", rope_scaling=base))[0]
+    b = rope_inv_freq(tiny_config("llama", rope_scaling={**base, "truncate": False}))[0]
+    assert not torch.equal(a, b)
+
+
+# -- checkpoints: corrupt files, non-finite weights, dtype names --------------------------------
+
+def test_corrupt_safetensors_names_the_file(tmp_path):
+    random_model(tiny_config("llama")).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated, as by an interrupted copy
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        Transformer.from_pretrained(tmp_path)
+    path.write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_corrupt_index_names_the_file(tmp_path):
+    random_model(tiny_config("llama")).save_pretrained(tmp_path, max_shard_bytes=20_000)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(ValueError, match="model.safetensors.index.json"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_non_finite_weights_name_the_file_and_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+    random_model(tiny_config("llama")).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    sd = load_file(path)
+    bad = dict(sd)
+    bad["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"].clone()
+    bad["model.layers.0.mlp.down_proj.weight"][3, 4] = float("nan")
+    save_file(bad, path)
+    with pytest.raises(ValueError, match=r"model.safetensors: weight 'model.layers.0.mlp.down_proj.weight' holds NaN"):
+        Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    bad = dict(sd)
+    bad["model.norm.weight"] = sd["model.norm.weight"] * 1e6  # finite in fp32, inf in fp16
+    save_file(bad, path)
+    assert torch.isfinite(Transformer.from_pretrained(tmp_path, dtype=torch.float32).norm.weight).all()
+    with pytest.raises(ValueError, match=r"weight 'model.norm.weight' overflows torch.float16"):
+        Transformer.from_pretrained(tmp_path, dtype=torch.float16)
+
+
+def test_dtype_by_name(tmp_path):
+    random_model(tiny_config("qwen2")).save_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in build_model(str(tmp_path), dtype="torch.bfloat16").parameters())
+    assert all(p.dtype == torch.float16 for p in build_model("micro", dtype="float16").parameters())
+    for bad in ("bf16x", "int8", 3):
+        with pytest.raises(ValueError, match=rf"dtype={bad!r}|dtype=torch.int8"):
+            build_model("micro", dtype=bad)
