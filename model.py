@@ -8,7 +8,11 @@ map one to one (drop the leading "model.").
 Three ways in:
   model(input_ids)                         plain causal forward -> logits            (B, T, V)
   model.token_logprobs(ids, targets, pos)  packed conversations -> log p(target)     (B, T)
-  model(input_ids, position_ids, kv=...)   the rollout engine's paged-KV forward (rollout.py)
+  model(input_ids, position_ids, attn=kv, logits_rows=rows)   the engine's paged-KV forward (rollout.py)
+
+Attention is one interface with a backend per mode: an object with attend(layer, q, k, v) ->
+(B, T, nh, hd). CAUSAL (one sequence per row), PackedRows (several sequences per row, for training)
+and rollout.PagedKV (the engine's paged cache) are the three.
 """
 import json
 import math
@@ -303,10 +307,44 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x):  # normalised in fp32, then cast back and scaled
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+class CausalAttention:
+    """Dense backend: each row of the batch is one sequence, attended causally."""
+
+    def attend(self, layer, q, k, v):  # (B, T, nh|nkv, hd) -> (B, T, nh, hd)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, enable_gqa=k.shape[2] != q.shape[2]).transpose(1, 2)
+
+
+CAUSAL = CausalAttention()
+
+
+@dataclass
+class PackedRows:
+    """Backend for packed training rows: several sequences laid end to end in each row, positions
+    restarting at 0 at each one. Sequence s goes to row s of a right-padded (num_seqs, max_len)
+    layout, each token at its position: plain causal attention there never sees another sequence
+    nor the padding, and costs num_seqs x max_len^2 per layer instead of T^2 per packed row."""
+    seq: torch.Tensor  # (B*T,) which sequence each token is in
+    pos: torch.Tensor  # (B*T,) its position in that sequence
+    num_seqs: int
+    max_len: int
+
+    @classmethod
+    def from_positions(cls, position_ids):
+        pos = position_ids.flatten()  # (B*T,)
+        assert bool((position_ids[:, 0] == 0).all()), "each packed row must start a sequence at position 0"
+        seq = (pos == 0).cumsum(0) - 1
+        return cls(seq, pos, int(seq[-1]) + 1, int(pos.max()) + 1)
+
+    def attend(self, layer, q, k, v):  # (B, T, nh|nkv, hd) -> (B, T, nh, hd)
+        B, T = q.shape[:2]
+        pad = lambda t: t.new_zeros(self.num_seqs, self.max_len, *t.shape[2:]).index_put((self.seq, self.pos),
+                                                                                         t.flatten(0, 1))
+        return CAUSAL.attend(layer, pad(q), pad(k), pad(v))[self.seq, self.pos].view(B, T, *q.shape[2:])
 
 
 class Attention(nn.Module):
@@ -322,7 +360,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.hd, cfg.rms_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_eps)
 
-    def forward(self, x, cos, sin, packing, kv):
+    def forward(self, x, cos, sin, attn):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)  # (B, T, nh, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)  # (B, T, nkv, hd)
@@ -330,19 +368,8 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # paged KV cache of the rollout engine: packed tokens, B == 1
-            y = kv.attend(self.layer_idx, q[0], k[0], v[0]).unsqueeze(0)  # (1, T, nh, hd)
-        elif packing is not None:  # packed rows: attend within each sequence, laid out padded
-            seg, off, S, L = packing
-            pad = lambda t: t.new_zeros(S, L, *t.shape[2:]).index_put((seg, off), t.flatten(0, 1))
-            y = self._causal(pad(q), pad(k), pad(v))[seg, off].view(B, T, self.nh, self.hd)
-        else:
-            y = self._causal(q, k, v)  # (B, T, nh, hd)
+        y = attn.attend(self.layer_idx, q, k, v)  # (B, T, nh, hd)
         return self.o_proj(y.reshape(B, T, self.nh * self.hd))
-
-    def _causal(self, q, k, v):  # (B, T, nh|nkv, hd) -> (B, T, nh, hd)
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              is_causal=True, enable_gqa=self.nkv != self.nh).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -364,8 +391,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, packing, kv):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, packing, kv)
+    def forward(self, x, cos, sin, attn):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -396,22 +423,15 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
-    def hidden(self, input_ids, position_ids=None, kv=None):
+    def hidden(self, input_ids, position_ids=None, attn=None):
         """Final-normed hidden states (B, T, C). Without position_ids: one sequence per row, causal.
         With position_ids that restart at 0, each restart opens a new sequence that cannot see the
-        tokens before it (packed training rows). With kv: the engine's paged cache does attention."""
+        tokens before it (packed training rows). attn: an explicit backend (the engine's PagedKV)."""
         B, T = input_ids.shape
-        packing = None
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        elif kv is None:
-            # Sequence s of the batch goes to row s of a right-padded (S, L) layout, token at its
-            # position: plain causal attention there never sees another sequence nor the padding.
-            # It costs S * L^2 (every sequence padded to the longest, L), not B * T^2.
-            pos = position_ids.flatten()  # (B*T,)
-            assert bool((position_ids[:, 0] == 0).all()), "each packed row must start a sequence at position 0"
-            seg = (pos == 0).cumsum(0) - 1  # (B*T,) which sequence each token is in
-            packing = (seg, pos, int(seg[-1]) + 1, int(pos.max()) + 1)
+            attn = attn or CAUSAL
+        attn = attn or PackedRows.from_positions(position_ids)
         if self.inv_freq.device != input_ids.device:
             self.inv_freq = self.inv_freq.to(input_ids.device)
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
@@ -420,17 +440,20 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for block in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, packing, kv, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, attn, use_reentrant=False)
             else:
-                x = block(x, cos, sin, packing, kv)
+                x = block(x, cos, sin, attn)
         return self.norm(x)
 
-    def forward(self, input_ids, position_ids=None, kv=None, target_ids=None, **logprob_kwargs):
-        """Logits (B, T, V); with target_ids, token_logprobs(...) instead. Training goes through
-        forward so that wrappers that hook it (FSDP's all-gather) see every call."""
+    def forward(self, input_ids, position_ids=None, attn=None, logits_rows=None, target_ids=None,
+                **logprob_kwargs):
+        """Logits (B, T, V), or (B, len(logits_rows), V) for those token rows only (the engine needs
+        the last token of each sequence); with target_ids, token_logprobs(...) instead. Everything
+        goes through forward so that wrappers that hook it (FSDP's all-gather) see every call."""
         if target_ids is not None:
             return self.token_logprobs(input_ids, target_ids, position_ids, **logprob_kwargs)
-        return self.lm_head(self.hidden(input_ids, position_ids, kv))  # (B, T, V)
+        h = self.hidden(input_ids, position_ids, attn)  # (B, T, C)
+        return self.lm_head(h if logits_rows is None else h[:, logits_rows])
 
     def token_logprobs(self, input_ids, target_ids, position_ids, temperature=1.0, chunk_size=1024,
                        return_entropy=False):

@@ -1,31 +1,50 @@
-"""The rollout engine: paged KV cache, continuous batching, prefix caching, sampling.
+"""The rollout engine: paged KV cache, continuous batching with mixed steps, prefix caching, sampling.
 
-A minimal vLLM in four concepts:
+A minimal vLLM in five concepts:
   Sequence      one request: prompt, generated tokens, behaviour log-probs, its KV block table
   BlockManager  fixed-size KV blocks with ref counts; full blocks are hashed (a chain over all
                 tokens before them) so an identical prefix is computed once and shared
-  Scheduler     admits waiting sequences when blocks and the token budget allow, prefills long
-                prompts in chunks, alternates prefill and decode steps, preempts the newest
-                sequence when blocks run out (it is recomputed later: never a crash, never a
-                wrong token)
-  Engine        runs the model's own modules and weights in place (RL samples from the live
-                policy), samples with counter-based per-request randomness, and exposes both
-                `generate(prompts, params)` and an incremental add/step interface.
+  Scheduler     builds each step's batch under a token budget: one token for every decoding
+                sequence first, then prompt chunks (started prompts before new admissions); preempts
+                the newest sequence when blocks run out (it is recomputed later: never a crash,
+                never a wrong token)
+  ModelRunner   owns the KV cache; turns a scheduled batch into one forward of the model's own
+                modules (the live policy, no weight copy) and samples; CUDA graphs for pure decode
+  Engine        the front end: validates requests, steps the scheduler and runner, returns Completions
 """
+import enum
 import itertools
 import math
-import os
+import numbers
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 import kernels
 
+MAX_GRAPH_BATCH = 512  # decode batches up to this size replay a captured CUDA graph
+_M31 = 0x7FFFFFFF
+_M32 = 0xFFFFFFFF
+
+
+def derive_seed(*parts) -> int:
+    """A 31-bit seed from a tuple of ints (a run seed, a step, a sample index, a turn, ...). CPython
+    hashes tuples of ints the same in every process, so ranks and reruns agree."""
+    return hash(tuple(int(p) for p in parts)) & _M31
+
 
 # --------------------------------------------------------------------------------------------
 # requests and results
+
+def _is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
 
 @dataclass
 class SamplingParams:
@@ -37,6 +56,11 @@ class SamplingParams:
     seed: int | None = None  # None: drawn from the engine's seed sequence
 
     def check(self):
+        """Raise ValueError naming the first bad field (types first: a string is not a temperature)."""
+        for name, ok, want in (("temperature", _is_real, "a number"), ("top_p", _is_real, "a number"),
+                               ("top_k", _is_int, "an int"), ("max_new_tokens", _is_int, "an int")):
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -45,6 +69,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not all(map(_is_int, self.stop_token_ids)):
+            raise ValueError(f"stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
 
 
 @dataclass
@@ -54,10 +82,13 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "error"
     error: str | None = None
     request_id: int = -1
-    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    num_prefix_hits: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
-WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+class Status(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
 
 
 class Sequence:
@@ -72,13 +103,17 @@ class Sequence:
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.num_hashed = 0  # leading full blocks registered in the prefix cache
         self.last_hash = None  # hash chain value of block num_hashed - 1
-        self.num_cached_tokens = 0
-        self.status = WAITING
+        self.num_prefix_hits = 0
+        self.status = Status.WAITING
         self.finish_reason = None
 
     @property
     def tokens(self):
         return self.prompt + self.output
+
+    @property
+    def is_decoding(self):  # every token but the newest is in the cache: one token to compute
+        return self.num_computed == len(self) - 1
 
     def __len__(self):
         return len(self.prompt) + len(self.output)
@@ -141,10 +176,9 @@ class BlockManager:
         for b, _ in hits:
             self._share(b)
         seq.block_table = [b for b, _ in hits] + [self._take() for _ in range(need)]
-        seq.num_computed = len(hits) * bs
+        seq.num_computed = seq.num_prefix_hits = len(hits) * bs
         seq.num_hashed = len(hits)
         seq.last_hash = hits[-1][1] if hits else None
-        seq.num_cached_tokens = len(hits) * bs
         self.cache_hits += len(hits) * bs
         return True
 
@@ -189,6 +223,19 @@ class BlockManager:
 # --------------------------------------------------------------------------------------------
 # scheduling
 
+@dataclass
+class Batch:
+    """One step's work: seqs[i] computes num_tokens[i] tokens; the first num_decode seqs decode
+    (one token each), the rest prefill a chunk of their prompt (or of their recompute)."""
+    seqs: list
+    num_tokens: list
+    num_decode: int = 0
+
+    def add(self, seq, n):
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs, max_num_batched_tokens):
         self.blocks = blocks
@@ -196,9 +243,7 @@ class Scheduler:
         self.max_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
-        self.last_was_prefill = False
         self.num_preemptions = 0
-        self.finished: list[Sequence] = []  # finished by the scheduler itself (cache exhausted)
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -207,103 +252,106 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self):
-        """-> (sequences, tokens to compute for each, is_prefill)."""
-        decoding = [s for s in self.running if s.num_computed == len(s) - 1]
-        prefilling = [s for s in self.running if s.num_computed < len(s) - 1]
-        want_prefill = prefilling or (self.waiting and len(self.running) < self.max_num_seqs)
-        # Alternate: a prefill step, then a decode step for everyone already generating.
-        if want_prefill and not (self.last_was_prefill and decoding):
-            batch = self._schedule_prefill(prefilling)
-            if batch[0]:
-                self.last_was_prefill = True
-                return batch
-        self.last_was_prefill = False
-        return self._schedule_decode(decoding)
-
-    def _schedule_prefill(self, prefilling):
-        seqs, counts, budget = [], [], self.max_tokens
-        for s in prefilling:  # finish prompts already started before admitting new ones
-            if budget == 0:
-                break
-            budget -= self._add_chunk(s, budget, seqs, counts)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        """-> (this step's Batch, sequences finished because they alone outgrew the whole cache).
+        Decode tokens go first (each costs one token of the budget), then prompt chunks fill the
+        rest, so one forward serves both and no sequence waits a step for the other kind."""
+        batch, out_of_room, budget = Batch([], []), [], self.max_tokens
+        for s in list(self.running):
+            if budget and s.status is Status.RUNNING and s.is_decoding and self._make_room(s, out_of_room):
+                batch.add(s, 1)
+                budget -= 1
+        batch.num_decode = len(batch.seqs)
+        for s in self.running:  # prompts already started finish before new ones are admitted
+            if budget and not s.is_decoding:
+                budget -= self._add_chunk(s, budget, batch)
+        while self.waiting and budget and len(self.running) < self.max_num_seqs:
             s = self.waiting[0]
             if not self.blocks.allocate(s):
                 break
             self.waiting.popleft()
-            s.status = RUNNING
+            s.status = Status.RUNNING
             self.running.append(s)
-            budget -= self._add_chunk(s, budget, seqs, counts)
-        return seqs, counts, True
+            budget -= self._add_chunk(s, budget, batch)
+        return batch, out_of_room
 
-    def _add_chunk(self, s, budget, seqs, counts):
+    def _add_chunk(self, s, budget, batch):
         n = min(len(s) - s.num_computed, budget)
-        seqs.append(s)
-        counts.append(n)
+        batch.add(s, n)
         self.blocks.register_full_blocks(s, s.num_computed + n)
         return n
 
-    def _schedule_decode(self, decoding):
-        batch = []
-        for s in decoding:
-            if s.status != RUNNING:
-                continue  # preempted below to make room for an older sequence
-            while not self.blocks.append_slot(s):
-                victim = self.running[-1]
-                if victim is s and len(self.running) == 1:
-                    self.finish(s, "length")  # alone, it has outgrown the whole cache
-                    self.finished.append(s)
-                    break
-                self._preempt(victim)
-                if victim is s:
-                    break
-            else:
-                batch.append(s)
-        return batch, [1] * len(batch), False
+    def _make_room(self, s, out_of_room):
+        """A block for s's next token, preempting the newest sequences until one is free.
+        False if s itself was preempted, or finished because it alone outgrew the cache."""
+        while not self.blocks.append_slot(s):
+            victim = self.running[-1]
+            if victim is s and len(self.running) == 1:
+                self.finish(s, "length")
+                out_of_room.append(s)
+                return False
+            self._preempt(victim)
+            if victim is s:
+                return False
+        return True
 
     def _preempt(self, seq):
         """Free the newest sequence's blocks; it keeps its tokens and is recomputed when readmitted."""
         self.running.remove(seq)
         self.blocks.release(seq)
-        seq.status = WAITING
+        seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def finish(self, seq, reason):
-        seq.status, seq.finish_reason = FINISHED, reason
+        seq.status, seq.finish_reason = Status.FINISHED, reason
         self.running.remove(seq)
         self.blocks.release(seq)
 
+    def abort(self, seq):
+        if seq.status is Status.RUNNING:
+            self.finish(seq, "abort")
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+            seq.status = Status.FINISHED
+
 
 # --------------------------------------------------------------------------------------------
-# the paged-attention context the model's Attention layers call into
+# the paged-attention backend the model's Attention layers call (model.py's attention interface)
 
 class PagedKV:
-    """Batch metadata + the per-layer caches; `Attention` calls `attend` in place of SDPA."""
+    """One step's attention metadata, built once and shared by every layer, plus the caches.
+    Tokens are packed (B == 1): the first num_decode are one query each of the first num_decode
+    sequences (split-KV decode attention); the rest are prompt chunks (paged prefill attention)."""
 
-    def __init__(self, k_cache, v_cache, slot_mapping, context_lens, block_tables, cu_seqlens_q=None,
-                 max_seqlen_q=1, backend=None):
+    def __init__(self, k_cache, v_cache, slot_mapping, context_lens, block_tables, num_decode,
+                 cu_seqlens_q, max_seqlen_q, backend=None):
         self.k_cache, self.v_cache = k_cache, v_cache  # (L, num_blocks, block_size, Hkv, D)
         self.slot_mapping, self.context_lens, self.block_tables = slot_mapping, context_lens, block_tables
-        self.cu_seqlens_q, self.max_seqlen_q = cu_seqlens_q, max_seqlen_q
+        self.num_decode = num_decode
+        self.cu_seqlens_q, self.max_seqlen_q = cu_seqlens_q, max_seqlen_q  # of the prefill part
         self.backend = backend
+        self.plans = {}  # per-step work the reference kernels would otherwise redo in every layer
 
-    def attend(self, layer, q, k, v):  # q (N, Hq, D), k/v (N, Hkv, D)
+    def attend(self, layer, q, k, v):  # q (1, N, Hq, D), k/v (1, N, Hkv, D)
+        q, k, v = q[0], k[0], v[0]
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         kernels.store_kv(k, v, kc, vc, self.slot_mapping, backend=self.backend)
-        scale = q.shape[-1] ** -0.5
-        if self.cu_seqlens_q is None:  # decode: one query per sequence
+        scale, nd = q.shape[-1] ** -0.5, self.num_decode
+        if nd == q.shape[0]:
             return kernels.decode_attention(q, kc, vc, self.context_lens, self.block_tables, scale,
-                                            backend=self.backend)
-        return kernels.prefill_attention(q, kc, vc, self.cu_seqlens_q, self.context_lens, self.block_tables,
-                                         self.max_seqlen_q, scale, backend=self.backend)
+                                            backend=self.backend, plans=self.plans)[None]
+        out = kernels.prefill_attention(q[nd:], kc, vc, self.cu_seqlens_q, self.context_lens[nd:],
+                                        self.block_tables[nd:], self.max_seqlen_q, scale,
+                                        backend=self.backend, plans=self.plans)
+        if nd:
+            dec = kernels.decode_attention(q[:nd], kc, vc, self.context_lens[:nd], self.block_tables[:nd],
+                                           scale, backend=self.backend, plans=self.plans)
+            out = torch.cat([dec, out])
+        return out[None]  # (1, N, Hq, D)
 
 
 # --------------------------------------------------------------------------------------------
 # sampling
-
-_M32 = 0xFFFFFFFF
-
 
 def _mix32(x):
     """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2^32."""
@@ -344,6 +392,124 @@ def sample(logits, temperature, top_p, top_k, seeds, positions):
 
 
 # --------------------------------------------------------------------------------------------
+# the model runner
+
+def graph_batch_size(batch_size):
+    """The captured CUDA-graph size that serves a decode batch: the next power of two, or None
+    when the batch is larger than any graph we capture."""
+    size = 1 << (batch_size - 1).bit_length()
+    return size if size <= MAX_GRAPH_BATCH else None
+
+
+def fill_graph_inputs(io, ids, pos, slots, ctx, tables):
+    """Copy a decode batch of B rows into a captured graph's static inputs of `size` >= B rows. Padded
+    rows write no K/V (slot -1) and attend to one key of block 0, so they cost little and touch
+    nothing another row reads."""
+    B, width = ctx.shape[0], tables.shape[1]
+    io["ids"].zero_()
+    io["pos"].zero_()
+    io["slots"].fill_(-1)
+    io["ctx"].fill_(1)
+    io["tables"].zero_()
+    io["ids"][0, :B] = ids[0]
+    io["pos"][0, :B] = pos[0]
+    io["slots"][:B] = slots
+    io["ctx"][:B] = ctx
+    io["tables"][:B, :width] = tables
+
+
+class ModelRunner:
+    """The KV cache and one forward per scheduled batch, with CUDA graphs for pure decode steps."""
+
+    def __init__(self, model, num_blocks, block_size, backend=None, cuda_graphs=True):
+        cfg, p = model.config, next(model.parameters())
+        self.model, self.backend = model, backend
+        self.device, self.block_size = p.device, block_size
+        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Zeros: attention reads whole pages and masks the slots past a sequence's end, and a
+        # masked zero contributes nothing (masked NaN garbage would: NaN * 0 is NaN).
+        self.k_cache = torch.zeros(shape, dtype=p.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=p.dtype, device=self.device)
+        self.max_table_width = -(-(cfg.max_position_embeddings + 1) // block_size)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs = {}
+
+    def run(self, batch: Batch):
+        """Forward the batch's tokens; sample for every sequence whose input ends in this step.
+        -> [(sequence, token, log-prob)]."""
+        ids, pos, slots, kv, rows = self._prepare(batch)
+        with torch.inference_mode():
+            if self.use_graphs and batch.num_decode == len(batch.seqs) and graph_batch_size(len(rows)):
+                logits = self._decode_graph(ids, pos, slots, kv.context_lens, kv.block_tables)
+            else:
+                logits = self.model(ids, pos, attn=kv, logits_rows=rows)[0]  # (len(rows), V)
+            sampled = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed + n == len(s)]
+            if not sampled:
+                return []
+            tok, lp = sample(logits, *self._sampling_tensors(sampled))
+        return list(zip(sampled, tok.tolist(), lp.tolist()))
+
+    def _prepare(self, batch):
+        """Token ids, positions, cache slots and the step's PagedKV metadata (built once, all layers)."""
+        dev, bs = self.device, self.block_size
+        ids, pos, slots, rows, cu = [], [], [], [], [0]
+        for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            start = s.num_computed
+            ids += s.tokens[start:start + n]
+            pos += range(start, start + n)
+            slots += [s.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if i >= batch.num_decode:
+                cu.append(cu[-1] + n)
+            if start + n == len(s):
+                rows.append(len(ids) - 1)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs],
+                              dtype=torch.int32, device=dev)  # (B, width)
+        ctx = torch.tensor([s.num_computed + n for s, n in zip(batch.seqs, batch.num_tokens)],
+                           dtype=torch.int32, device=dev)  # (B,)
+        prefill = batch.num_tokens[batch.num_decode:]
+        kv = PagedKV(self.k_cache, self.v_cache, torch.tensor(slots, dtype=torch.long, device=dev), ctx, tables,
+                     batch.num_decode, torch.tensor(cu, dtype=torch.int32, device=dev), max(prefill, default=0),
+                     self.backend)
+        return (torch.tensor([ids], dtype=torch.long, device=dev), torch.tensor([pos], dtype=torch.long, device=dev),
+                kv.slot_mapping, kv, rows)
+
+    def _sampling_tensors(self, seqs):
+        P, dev = [s.params for s in seqs], self.device
+        return (torch.tensor([p.temperature for p in P], dtype=torch.float32, device=dev),
+                torch.tensor([p.top_p for p in P], dtype=torch.float32, device=dev),
+                torch.tensor([p.top_k for p in P], device=dev),
+                torch.tensor([s.seed & _M32 for s in seqs], device=dev),
+                torch.tensor([len(s) for s in seqs], device=dev))
+
+    def _decode_graph(self, ids, pos, slots, ctx, tables):
+        """Replay the captured decode step of the smallest captured batch size >= B."""
+        size = graph_batch_size(ctx.shape[0])
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size)
+        g, io = self.graphs[size]
+        fill_graph_inputs(io, ids, pos, slots, ctx, tables)
+        g.replay()
+        return io["logits"][:ctx.shape[0]]
+
+    def _capture(self, size):
+        dev, width = self.device, self.max_table_width
+        io = dict(ids=torch.zeros(1, size, dtype=torch.long, device=dev),
+                  pos=torch.zeros(1, size, dtype=torch.long, device=dev),
+                  slots=torch.full((size,), -1, dtype=torch.long, device=dev),
+                  ctx=torch.ones(size, dtype=torch.int32, device=dev),
+                  tables=torch.zeros(size, width, dtype=torch.int32, device=dev))
+        kv = PagedKV(self.k_cache, self.v_cache, io["slots"], io["ctx"], io["tables"], size,
+                     None, 0, self.backend)
+        self.model(io["ids"], io["pos"], attn=kv)  # warm-up: compile the kernels outside the capture
+        torch.cuda.synchronize(dev)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            io["logits"] = self.model(io["ids"], io["pos"], attn=kv)[0]
+        return g, io
+
+
+# --------------------------------------------------------------------------------------------
 # the engine
 
 class Engine:
@@ -351,212 +517,152 @@ class Engine:
                  gpu_memory_utilization=0.9, kv_cache_bytes=2**30, cuda_graphs=True, backend=None,
                  progress=False, seed=0):
         """num_blocks: KV blocks per layer; if None, from free GPU memory x gpu_memory_utilization on
-        CUDA, else from kv_cache_bytes. max_num_batched_tokens: prefill tokens per step."""
+        CUDA, else from kv_cache_bytes. max_num_batched_tokens: tokens (decode + prefill) per step."""
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"Engine: {name} must be a positive int, got {value!r}")
         if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-        self.model = model
-        cfg = model.config
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.max_len = cfg.max_position_embeddings
-        shape = (cfg.num_layers, 1, block_size, cfg.num_kv_heads, cfg.head_dim)
-        bytes_per_block = 2 * math.prod(shape) * p.element_size()
+            raise ValueError(f"Engine: block_size must be a power of two >= 16, got {block_size}")
+        cfg, p = model.config, next(model.parameters())
+        self.max_len, self.vocab_size = cfg.max_position_embeddings, cfg.vocab_size
         if num_blocks is None:
-            if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                # memory PyTorch holds in its cache but no tensor uses is free for us too
-                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-                budget = free - (1 - gpu_memory_utilization) * total
-            else:
-                budget = kv_cache_bytes
-            num_blocks = int(budget // bytes_per_block)
+            num_blocks = self._blocks_from_memory(cfg, p, block_size, gpu_memory_utilization, kv_cache_bytes)
         if num_blocks < 2:
-            raise ValueError(f"KV cache too small: {num_blocks} blocks of {block_size} tokens")
-        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # Uninitialised: the kernels never read a slot no sequence has written.
-        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            raise ValueError(f"Engine: KV cache too small: {num_blocks} blocks of {block_size} tokens "
+                             f"(raise num_blocks, kv_cache_bytes or gpu_memory_utilization)")
         self.block_size, self.num_blocks = block_size, num_blocks
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.backend = backend
+        self.runner = ModelRunner(model, num_blocks, block_size, backend, cuda_graphs)
         self.progress = progress
         self.seeds = itertools.count(seed * 1_000_003 + 1)
         self.ids = itertools.count()
-        self.finished: list[Completion] = []
-        self.stats = dict(prefill_tokens=0, decode_tokens=0, prefill_s=0.0, decode_s=0.0)
-        self.graphs = {}
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.requests: dict[int, Sequence] = {}  # live requests by id
+        self.rejected: list[Completion] = []  # bad requests, returned by the next step
+        self.stats = dict(prefill_tokens=0, decode_tokens=0, steps=0, forward_s=0.0)
 
-    # -- incremental interface ----------------------------------------------------------------
+    @staticmethod
+    def _blocks_from_memory(cfg, p, block_size, gpu_memory_utilization, kv_cache_bytes):
+        bytes_per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * p.element_size()
+        if p.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(p.device)
+            # memory PyTorch holds in its cache but no tensor uses is free for us too
+            free += torch.cuda.memory_reserved(p.device) - torch.cuda.memory_allocated(p.device)
+            budget = free - (1 - gpu_memory_utilization) * total
+        else:
+            budget = kv_cache_bytes
+        return int(budget // bytes_per_block)
+
+    # -- requests ----------------------------------------------------------------------------------
 
     def add_request(self, prompt, params: SamplingParams) -> int:
         """Queue a prompt; returns its request id. A bad request finishes at once with an error."""
         rid = next(self.ids)
+        try:
+            self._check_request(prompt, params)
+        except ValueError as e:
+            self.rejected.append(Completion([], [], "error", f"request {rid}: {e}", rid))
+            return rid
         seed = params.seed if params.seed is not None else next(self.seeds)
         seq = Sequence(rid, prompt, params, seed)
-        try:
-            params.check()
-            if not seq.prompt:
-                raise ValueError("empty prompt")
-            if len(seq.prompt) >= self.max_len:
-                raise ValueError(f"prompt of {len(seq.prompt)} tokens does not fit the model's "
-                                 f"{self.max_len} positions")
-            if self.blocks.blocks_needed(len(seq.prompt) + 1) > self.num_blocks:
-                raise ValueError(f"prompt of {len(seq.prompt)} tokens exceeds the KV cache "
-                                 f"({self.num_blocks} blocks of {self.block_size})")
-        except ValueError as e:
-            self.finished.append(Completion([], [], "error", f"request {rid}: {e}", rid))
-            return rid
+        self.requests[rid] = seq
         self.scheduler.add(seq)
         return rid
 
+    def _check_request(self, prompt, params):
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.check()
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not prompt:
+            raise ValueError("empty prompt")
+        bad = next((t for t in prompt if not _is_int(t) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt holds token id {bad!r}, outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's {self.max_len} positions")
+        if self.blocks.blocks_needed(len(prompt) + 1) > self.num_blocks:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the KV cache "
+                             f"({self.num_blocks} blocks of {self.block_size})")
+
+    def abort(self, request_id):
+        """Drop a queued or running request and free its blocks; no Completion is returned for it."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.abort(seq)
+
     def has_unfinished(self):
-        return self.scheduler.has_work()
+        return bool(self.requests or self.rejected)
+
+    # -- stepping ----------------------------------------------------------------------------------
 
     def step(self) -> list[Completion]:
-        """Run one prefill or decode step; returns the requests that finished (incl. rejected ones)."""
-        seqs, counts, is_prefill = self.scheduler.schedule()
-        self.finished += [self._completion(s) for s in self.scheduler.finished]
-        self.scheduler.finished.clear()
-        if seqs:
+        """Run one mixed decode + prefill step; returns the requests that finished in it (and any
+        rejected since the last step)."""
+        batch, out_of_room = self.scheduler.schedule()
+        done, self.rejected = self.rejected, []
+        done += [self._complete(s) for s in out_of_room]
+        if batch.seqs:
             t0 = time.perf_counter()
-            sampled = self._run(seqs, counts, is_prefill)
-            self._postprocess(seqs, counts, sampled)
-            kind = "prefill" if is_prefill else "decode"
-            self.stats[kind + "_tokens"] += sum(counts)
-            self.stats[kind + "_s"] += time.perf_counter() - t0
-        done, self.finished = self.finished, []
+            sampled = self.runner.run(batch)
+            done += self._postprocess(batch, sampled)
+            self.stats["decode_tokens"] += batch.num_decode
+            self.stats["prefill_tokens"] += sum(batch.num_tokens) - batch.num_decode
+            self.stats["steps"] += 1
+            self.stats["forward_s"] += time.perf_counter() - t0
         return done
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams]) -> list[Completion]:
-        """Generate a completion for every prompt (same order)."""
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        results = {}
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(ids), desc="generate", unit="seq")
-        while len(results) < len(ids):
-            if not self.has_unfinished() and not self.finished:
-                raise RuntimeError("engine idle with requests outstanding")  # an invariant, not input
-            for c in self.step():
-                results[c.request_id] = c
-                if bar:
-                    bar.update(1)
-            if bar:
-                s = self.stats
-                bar.set_postfix(prefill_tok_s=f"{s['prefill_tokens'] / max(s['prefill_s'], 1e-9):.0f}",
-                                decode_tok_s=f"{s['decode_tokens'] / max(s['decode_s'], 1e-9):.0f}")
-        if bar:
-            bar.close()
-        return [results[i] for i in ids]
-
-    # -- model execution -----------------------------------------------------------------------
-
-    def _run(self, seqs, counts, is_prefill):
-        """Forward the scheduled tokens and sample where a sequence reaches its end of input."""
-        dev, bs = self.device, self.block_size
-        ids, pos, slots, last_rows, cu = [], [], [], [], [0]
-        for s, n in zip(seqs, counts):
-            start = s.num_computed
-            toks = s.tokens[start:start + n] if is_prefill else [s.output[-1] if s.output else s.prompt[-1]]
-            ids += toks
-            pos += range(start, start + n)
-            slots += [s.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            cu.append(cu[-1] + n)
-            if start + n == len(s):
-                last_rows.append(cu[-1] - 1)
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
-                              dtype=torch.int32, device=dev)  # (B, width)
-        ctx = torch.tensor([s.num_computed + n for s, n in zip(seqs, counts)], dtype=torch.int32, device=dev)
-        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)[None]  # (1, N)
-        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)[None]
-        slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        with torch.inference_mode():
-            if is_prefill:
-                kv = PagedKV(self.k_cache, self.v_cache, slots_t, ctx, tables,
-                             torch.tensor(cu, dtype=torch.int32, device=dev), max(counts), self.backend)
-                h = self.model.hidden(ids_t, pos_t, kv)[0, last_rows]  # (n_sampled, C)
-                logits = self.model.lm_head(h)
-            elif self.use_graphs:
-                logits = self._decode_graph(ids_t, pos_t, slots_t, ctx, tables)
-            else:
-                kv = PagedKV(self.k_cache, self.v_cache, slots_t, ctx, tables, backend=self.backend)
-                logits = self.model(ids_t, pos_t, kv)[0]  # (B, V)
-            sampled_seqs = [s for s, n in zip(seqs, counts) if s.num_computed + n == len(s)]
-            if not sampled_seqs:
-                return []
-            P = [s.params for s in sampled_seqs]
-            tok, lp = sample(
-                logits,
-                torch.tensor([p.temperature for p in P], device=dev),
-                torch.tensor([p.top_p for p in P], device=dev),
-                torch.tensor([p.top_k for p in P], device=dev),
-                torch.tensor([s.seed & _M32 for s in sampled_seqs], device=dev),
-                torch.tensor([len(s) for s in sampled_seqs], device=dev),
-            )
-        return list(zip(sampled_seqs, tok.tolist(), lp.tolist()))
-
-    def _postprocess(self, seqs, counts, sampled):
-        for s, n in zip(seqs, counts):
+    def _postprocess(self, batch, sampled):
+        for s, n in zip(batch.seqs, batch.num_tokens):
             s.num_computed += n
             self.blocks.register_full_blocks(s, s.num_computed)
+        done = []
         for s, tok, lp in sampled:
             s.output.append(tok)
             s.logprobs.append(lp)
-            p = s.params
-            if tok in p.stop_token_ids:
+            if tok in s.params.stop_token_ids:
                 reason = "stop"
-            elif len(s.output) >= p.max_new_tokens or len(s) >= self.max_len:
+            elif len(s.output) >= s.params.max_new_tokens or len(s) >= self.max_len:
                 reason = "length"
             else:
                 continue
             self.scheduler.finish(s, reason)
-            self.finished.append(self._completion(s))
+            done.append(self._complete(s))
+        return done
 
-    def _completion(self, s):
-        return Completion(s.output, s.logprobs, s.finish_reason, None, s.id, s.num_cached_tokens)
+    def _complete(self, s):
+        del self.requests[s.id]
+        return Completion(s.output, s.logprobs, s.finish_reason, None, s.id, s.num_prefix_hits)
 
-    # -- CUDA graphs for decode ----------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Generate a completion for every prompt (same order). params: one for all, or one each."""
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
+        else:
+            params = [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results, bar = {}, None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), desc="generate", unit="seq")
+        try:
+            while len(results) < len(ids):
+                assert self.has_unfinished(), "engine idle with requests outstanding"
+                for c in self.step():
+                    results[c.request_id] = c
+                    if bar:
+                        bar.update(1)
+                        bar.set_postfix(tok_s=f"{self.tokens_per_s():.0f}")
+        finally:  # an exception (a model error, ^C) leaves no request of this call behind
+            for i in ids:
+                self.abort(i)
+            if bar:
+                bar.close()
+        return [results[i] for i in ids]
 
-    def _decode_graph(self, ids, pos, slots, ctx, tables):
-        """Replay a captured decode step for the smallest captured batch size >= B."""
-        B, width = ctx.shape[0], tables.shape[1]
-        size = 1 << (B - 1).bit_length()
-        max_width = self.blocks.blocks_needed(self.max_len + 1)
-        if size > 512 or width > max_width:
-            kv = PagedKV(self.k_cache, self.v_cache, slots, ctx, tables, backend=self.backend)
-            return self.model(ids, pos, kv)[0]
-        if size not in self.graphs:
-            self.graphs[size] = self._capture(size, max_width)
-        g, io = self.graphs[size]
-        io["ids"].zero_()
-        io["pos"].zero_()
-        io["slots"].fill_(-1)  # padded rows write nothing
-        io["ctx"].fill_(1)
-        io["tables"].zero_()
-        io["ids"][0, :B] = ids[0]
-        io["pos"][0, :B] = pos[0]
-        io["slots"][:B] = slots
-        io["ctx"][:B] = ctx
-        io["tables"][:B, :width] = tables
-        g.replay()
-        return io["logits"][:B]
-
-    def _capture(self, size, width):
-        dev = self.device
-        io = dict(ids=torch.zeros(1, size, dtype=torch.long, device=dev),
-                  pos=torch.zeros(1, size, dtype=torch.long, device=dev),
-                  slots=torch.full((size,), -1, dtype=torch.long, device=dev),
-                  ctx=torch.ones(size, dtype=torch.int32, device=dev),
-                  tables=torch.zeros(size, width, dtype=torch.int32, device=dev))
-        kv = PagedKV(self.k_cache, self.v_cache, io["slots"], io["ctx"], io["tables"], backend=self.backend)
-        self.model(io["ids"], io["pos"], kv)  # warm-up: compile the kernels outside the capture
-        torch.cuda.synchronize(dev)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            io["logits"] = self.model(io["ids"], io["pos"], kv)[0]
-        return g, io
+    def tokens_per_s(self):
+        s = self.stats
+        return (s["prefill_tokens"] + s["decode_tokens"]) / max(s["forward_s"], 1e-9)

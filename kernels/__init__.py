@@ -25,12 +25,19 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, backend=None):
 
 
 def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale,
-                      backend=None):
-    """Causal attention of packed new tokens q [N, Hq, D] over their sequences' cached K/V -> [N, Hq, D]."""
-    return _impl(backend, q).prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                               max_seqlen_q, scale)
+                      backend=None, plans=None):
+    """Causal attention of packed new tokens q [N, Hq, D] over their sequences' cached K/V -> [N, Hq, D].
+    plans: a dict shared by the layers of one step, where the reference backend keeps the page lists
+    and masks it builds once (the Triton kernels need none)."""
+    impl = _impl(backend, q)
+    extra = {"plans": plans} if impl is reference else {}
+    return impl.prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q,
+                                  scale, **extra)
 
 
-def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, backend=None):
-    """One query per sequence q [B, Hq, D] over its cached K/V -> [B, Hq, D]."""
-    return _impl(backend, q).decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits)
+def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, backend=None,
+                     plans=None):
+    """One query per sequence q [B, Hq, D] over its cached K/V -> [B, Hq, D]. plans: as above."""
+    impl = _impl(backend, q)
+    extra = {"plans": plans} if impl is reference else {}
+    return impl.decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits, **extra)

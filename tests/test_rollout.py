@@ -93,10 +93,10 @@ def test_prefix_cache_skips_shared_prompt(model):
     shared = prompts([64], seed=5)[0]
     engine = Engine(model, num_blocks=64, block_size=16)
     out = engine.generate([shared + [i] for i in range(8)], SamplingParams(temperature=0, max_new_tokens=2))
-    assert sum(c.num_cached_tokens for c in out) == 7 * 64  # all but the first rollout hit 4 blocks
+    assert sum(c.num_prefix_hits for c in out) == 7 * 64  # all but the first rollout hit 4 blocks
     # freed blocks keep their contents: a later request still hits
     again = engine.generate([shared + [99]], SamplingParams(temperature=0, max_new_tokens=2))[0]
-    assert again.num_cached_tokens == 64 and again.token_ids == naive_greedy(model, shared + [99], 2)
+    assert again.num_prefix_hits == 64 and again.token_ids == naive_greedy(model, shared + [99], 2)
 
 
 def test_incremental_interface(model):
@@ -114,7 +114,7 @@ def test_incremental_interface(model):
 def test_bad_requests_fail_alone(model):
     engine = Engine(model, num_blocks=8, block_size=16)
     good = prompts([4])[0]
-    bad = [[], list(range(300)), good, good, good, good, prompts([200])[0]]
+    bad = [[], [1] * 300, good, good, good, good, prompts([200])[0]]
     params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=-1), SamplingParams(top_p=0),
               SamplingParams(top_p=1.5), SamplingParams(temperature=0, max_new_tokens=3), SamplingParams()]
     out = engine.generate(bad, params)
@@ -146,3 +146,89 @@ def test_engine_on_triton_kernels(model):
     out = engine.generate(ps, SamplingParams(temperature=0, max_new_tokens=5))
     assert [c.token_ids for c in out] == [naive_greedy(model, p, 5) for p in ps]
     assert engine.blocks.cache_hits == 16
+
+
+def test_mixed_steps_serve_decode_and_prefill_together(model):
+    # a long prompt admitted while short ones decode: with a 16-token budget its prefill is spread
+    # over steps that also decode the others, and every token still equals the recompute loop
+    ps = prompts([5, 6, 70])
+    engine = Engine(model, num_blocks=32, block_size=16, max_num_batched_tokens=16)
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_new_tokens=12)) for p in ps[:2]]
+    done = engine.step()  # both short prompts prefill in one step
+    ids.append(engine.add_request(ps[2], SamplingParams(temperature=0, max_new_tokens=12)))
+    run, shapes = engine.runner.run, []
+    engine.runner.run = lambda batch: shapes.append((batch.num_decode, len(batch.seqs))) or run(batch)
+    while engine.has_unfinished():
+        done += engine.step()
+    mixed = sum(0 < d < n for d, n in shapes)
+    assert mixed >= 3  # the 70-token prompt took several 14-token chunks beside two decodes
+    by_id = {c.request_id: c for c in done}
+    assert [by_id[i].token_ids for i in ids] == [naive_greedy(model, p, 12) for p in ps]
+
+
+def test_bad_token_ids_and_types_fail_alone_and_the_engine_goes_on(model):
+    engine = Engine(model, num_blocks=32)
+    good = prompts([6, 9])
+    greedy = SamplingParams(temperature=0, max_new_tokens=4)
+    out = engine.generate([good[0], [1, CFG.vocab_size], [-1, 2], good[1], [1.5], torch.tensor([3, 4])],
+                          [greedy, greedy, greedy, greedy, greedy, SamplingParams(temperature="1.0")])
+    assert [c.finish_reason for c in out] == ["length", "error", "error", "length", "error", "error"]
+    assert "token id 101" in out[1].error and "token id -1" in out[2].error and "temperature" in out[5].error
+    assert [out[0].token_ids, out[3].token_ids] == [naive_greedy(model, p, 4) for p in good]
+    again = engine.generate(good, greedy)  # still usable, and nothing was left behind
+    assert [c.token_ids for c in again] == [out[0].token_ids, out[3].token_ids]
+    assert engine.blocks.num_free == engine.num_blocks and not engine.requests
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_num_batched_tokens=0), "max_num_batched_tokens"), (dict(max_num_seqs=0), "max_num_seqs"),
+    (dict(block_size=24), "block_size"), (dict(num_blocks=1), "KV cache too small")])
+def test_engine_arguments_are_checked(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(model, **dict(dict(num_blocks=32), **kwargs))
+
+
+def test_params_must_match_prompts(model):
+    with pytest.raises(ValueError, match="1 SamplingParams for 2 prompts"):
+        Engine(model, num_blocks=32).generate(prompts([3, 4]), [SamplingParams()])
+
+
+def test_abort_frees_everything(model):
+    engine = Engine(model, num_blocks=32)
+    a = engine.add_request(prompts([40])[0], SamplingParams(max_new_tokens=50, seed=1))
+    b = engine.add_request(prompts([5])[0], SamplingParams(max_new_tokens=50, seed=1))
+    engine.step()
+    engine.abort(a)
+    engine.abort(b)
+    assert not engine.has_unfinished() and engine.blocks.num_free == engine.num_blocks
+
+
+def test_a_sequence_that_outgrows_the_whole_cache_stops_at_length(model):
+    engine = Engine(model, num_blocks=3, block_size=16)  # 48 slots
+    c = engine.generate(prompts([20]), SamplingParams(temperature=0, max_new_tokens=200))[0]
+    assert c.finish_reason == "length" and len(c.token_ids) == 48 - 20 + 1
+    assert c.token_ids == naive_greedy(model, prompts([20])[0], len(c.token_ids))
+
+
+def test_cuda_graph_batch_padding():
+    from rollout import MAX_GRAPH_BATCH, fill_graph_inputs, graph_batch_size
+    assert [graph_batch_size(b) for b in (1, 2, 3, 5, 8, 9, MAX_GRAPH_BATCH)] == [1, 2, 4, 8, 8, 16, MAX_GRAPH_BATCH]
+    assert graph_batch_size(MAX_GRAPH_BATCH + 1) is None
+    io = dict(ids=torch.full((1, 4), 7), pos=torch.full((1, 4), 7), slots=torch.full((4,), 7),
+              ctx=torch.full((4,), 7, dtype=torch.int32), tables=torch.full((4, 5), 7, dtype=torch.int32))
+    fill_graph_inputs(io, torch.tensor([[3, 4, 5]]), torch.tensor([[10, 11, 12]]), torch.tensor([40, 41, 42]),
+                      torch.tensor([11, 12, 13], dtype=torch.int32), torch.tensor([[2], [3], [4]], dtype=torch.int32))
+    assert io["ids"].tolist() == [[3, 4, 5, 0]] and io["slots"].tolist() == [40, 41, 42, -1]
+    assert io["ctx"].tolist() == [11, 12, 13, 1] and io["tables"][:, 0].tolist() == [2, 3, 4, 0]
+    assert io["tables"][:, 1:].abs().sum() == 0  # stale table entries of an earlier, wider batch cleared
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager():
+    torch.manual_seed(0)
+    m = Transformer(CFG).init_weights(seed=1, std=0.3).to("cuda", torch.float16).eval()
+    ps = prompts([5, 17, 33, 2, 40])
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    graph = Engine(m, num_blocks=64, cuda_graphs=True).generate(ps, params)
+    eager = Engine(m, num_blocks=64, cuda_graphs=False).generate(ps, params)
+    assert [c.token_ids for c in graph] == [c.token_ids for c in eager]
