@@ -187,8 +187,12 @@ def prefill_launches(q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block
     """interpret: the kernels run under TRITON_INTERPRET (CPU tensors)."""
     Hq, B, block_size = q.shape[1], context_lens.shape[0], k_cache.shape[1]
     block_m = 16 if interpret else 64  # small tiles keep the interpreter's masked work small
-    meta = dict(G=Hq // k_cache.shape[2], D=q.shape[2], BLOCK_SIZE=block_size, BLOCK_M=block_m,
-                BLOCK_N=min(block_size, 64), UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=4, num_stages=2)
+    D = q.shape[2]
+    # at D = 128 and 64-key tiles, 4 warps need all 255 registers on sm_80 (one more live value would
+    # spill); 8 warps need 128. num_stages 3 or 4 leave registers and shared memory as they are at 2
+    # (compiled for sm_80 and sm_90 at D = 128, block sizes 16 and 64)
+    meta = dict(G=Hq // k_cache.shape[2], D=D, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=min(block_size, 64),
+                UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=8 if D >= 128 else 4, num_stages=2)
     args = (q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale, q.stride(0), q.stride(1),
             out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             block_tables.stride(0))
