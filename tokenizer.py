@@ -11,6 +11,7 @@ import os
 import re
 
 TEMPLATES = ("chatml", "llama2", "llama3", "plain")
+ROLES = ("system", "user", "assistant")
 
 
 class Tokenizer:
@@ -18,22 +19,8 @@ class Tokenizer:
 
     def __init__(self, path, chat_template=None):
         self.path = path
-        model_dir = path if os.path.isdir(path) else os.path.dirname(path)
-        file = path
-        if os.path.isdir(path):
-            for name in ("tokenizer.json", "tokenizer.model"):
-                if os.path.isfile(os.path.join(path, name)):
-                    file = os.path.join(path, name)
-                    break
-            else:
-                raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no such tokenizer file")
-        config = {}
-        config_path = os.path.join(model_dir, "tokenizer_config.json")
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
+        file = find_tokenizer_file(path)
+        config = read_tokenizer_config(os.path.dirname(file))
 
         if file.endswith(".model"):
             import sentencepiece as spm
@@ -95,10 +82,20 @@ class Tokenizer:
         return i
 
     def encode(self, text: str) -> list[int]:
-        """Plain text to ids: no BOS/EOS added, special-token strings stay text."""
-        if self.sp is not None:
-            return self.sp.EncodeAsIds(text)
-        return self.hf.encode(text, add_special_tokens=False).ids
+        r"""Plain text to ids: no BOS/EOS added, special-token strings stay text. Text that is not
+        valid Unicode (a lone surrogate such as '\ud800') is a ValueError: it has no UTF-8 bytes."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        try:
+            if self.sp is not None:
+                return self.sp.EncodeAsIds(text)
+            return self.hf.encode(text, add_special_tokens=False).ids
+        except (RuntimeError, TypeError):  # what both backends raise for a string they cannot convert
+            bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None)
+            if bad is None:
+                raise
+            raise ValueError(f"text holds a lone surrogate {text[bad]!r} at index {bad}, which is not valid "
+                             "Unicode; repair it first, e.g. text.encode('utf-8', 'replace').decode()") from None
 
     def decode(self, ids) -> str:
         """Ids to text, special tokens dropped."""
@@ -118,6 +115,7 @@ class Tokenizer:
         """messages: [{"role": "system"|"user"|"assistant", "content": str}] -> prompt ids.
         A content may also be a list of token ids, spliced in as is (the memory agent builds its
         turns this way, so nothing is decoded and re-encoded between turns)."""
+        check_messages(messages)
         if self.default_system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.default_system}] + list(messages)
         sp = self.token_id
@@ -144,18 +142,7 @@ class Tokenizer:
                 ids += [sp("<|start_header_id|>")] + self.encode("assistant") + [sp("<|end_header_id|>")]
                 ids += self.encode("\n\n")
         elif self.template == "llama2":
-            # <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>
-            system = ""
-            if messages and messages[0]["role"] == "system":
-                system = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n"
-                messages = messages[1:]
-            for m in messages:
-                content = m["content"].strip() if isinstance(m["content"], str) else m["content"]
-                if m["role"] == "user":
-                    ids += [self.bos_id] + text(f"[INST] {system}", content, " [/INST]")
-                    system = ""
-                else:
-                    ids += text(" ", content, " ") + [self.eos_id]
+            ids = self._llama2(messages)
         else:  # plain: for tiny models trained by this project
             for m in messages:
                 ids += text(f"<{m['role']}>\n", m["content"], "\n")
@@ -166,6 +153,82 @@ class Tokenizer:
             if self.bos_id is not None:
                 ids = [self.bos_id] + ids
         return ids
+
+
+    def _llama2(self, messages):
+        r"""<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]
+        as Llama-2-chat's template renders it: roles alternate user/assistant after an optional
+        system message, string contents are stripped (the system block and the first user message
+        as one string), and the text between two special tokens is encoded in one piece (a separate
+        encode of " {answer} " would add sentencepiece's dummy prefix)."""
+        system = None
+        if messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        parts = []  # special ids (int), text (str) and spliced ids (list), in order
+        for i, m in enumerate(messages):
+            want = "user" if i % 2 == 0 else "assistant"
+            if m["role"] != want:
+                where = ("a system message must be the first message" if m["role"] == "system"
+                         else "roles must alternate user/assistant after an optional first system message")
+                raise ValueError(f"llama2 chat template: {where}; message {i + (system is not None)} is "
+                                 f"{m['role']!r}, expected {want!r}")
+            content = m["content"]
+            if want == "assistant":
+                parts += [" ", content.strip() if isinstance(content, str) else content, " ", self.eos_id]
+                continue
+            head = ["<<SYS>>\n", system, "\n<</SYS>>\n\n"] if i == 0 and system is not None else []
+            body = head + [content]
+            if all(isinstance(p, str) for p in body):
+                body = ["".join(body).strip()]
+            parts += [self.bos_id, "[INST] ", *body, " [/INST]"]
+        ids, run = [], ""
+        for p in parts:
+            if isinstance(p, str):
+                run += p
+                continue
+            ids += (self.encode(run) if run else []) + ([p] if isinstance(p, int) else list(p))
+            run = ""
+        return ids + (self.encode(run) if run else [])
+
+
+def find_tokenizer_file(path):
+    """The tokenizer file itself, or the one a checkpoint directory holds (tokenizer.json first)."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such tokenizer file")
+    return path
+
+
+def read_tokenizer_config(model_dir):
+    """tokenizer_config.json of a checkpoint directory as a dict ({} where there is none)."""
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_messages(messages):
+    """A chat is a non-empty list of {"role": one of ROLES, "content": str or list of token ids}."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise ValueError(f"messages[{i}]: role {role!r} is not one of {ROLES}")
+        if not isinstance(m.get("content"), (str, list, tuple)):
+            raise ValueError(f"messages[{i}]: content must be a str or a list of token ids, "
+                             f"got {type(m.get('content')).__name__}")
 
 
 def guess_template(jinja: str, tok: Tokenizer) -> str:

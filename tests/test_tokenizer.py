@@ -1,5 +1,6 @@
 """tokenizer.py: sentencepiece and tokenizer.json backends, chat templates, bad input."""
 import json
+import re
 
 import pytest
 
@@ -112,3 +113,142 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises((ValueError, ImportError), match="broken.json"):
         load_tokenizer(tmp_path / "broken.json")
+
+
+# -- llama2 / llama3 templates, token by token against hand-written renderings -------------------
+
+def by_specials(tok, rendered, specials):
+    """What HF does with a rendered template: special-token strings become their ids, the text
+    between two of them is encoded in one piece."""
+    pattern = "(" + "|".join(map(re.escape, specials)) + ")"
+    ids = []
+    for piece in re.split(pattern, rendered):
+        if piece in specials:
+            ids.append(specials[piece])
+        elif piece:
+            ids += tok.encode(piece)
+    return ids
+
+
+LLAMA3_JINJA = (  # Llama-3-Instruct's template: header, "\n\n", trimmed content, <|eot_id|>
+    "{% for m in messages %}{% set c = '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+    " + m['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set c = bos_token + c %}{% endif %}"
+    "{{ c }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  What is the number for lamp?\n"},
+        {"role": "assistant", "content": "It is 1234. "}, {"role": "user", "content": "And for river?"}]
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=LLAMA3_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    d = tmp_path_factory.mktemp("llama3")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_JINJA}))
+    return d
+
+
+def test_llama3_template_token_by_token(llama3_dir):
+    tok = load_tokenizer(llama3_dir)
+    assert tok.template == "llama3" and tok.stop_ids == [tok.token_id("<|eot_id|>")]
+    rendered = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                "<|start_header_id|>user<|end_header_id|>\n\nWhat is the number for lamp?<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\nIt is 1234.<|eot_id|>"
+                "<|start_header_id|>user<|end_header_id|>\n\nAnd for river?<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    specials = {s: tok.token_id(s) for s in LLAMA3_SPECIALS}
+    ids = tok.apply_chat_template(CHAT)
+    assert ids == by_specials(tok, rendered, specials)
+    assert ids[:3] == [specials["<|begin_of_text|>"], specials["<|start_header_id|>"], tok.encode("system")[0]]
+    # content given as ids is spliced in as is, untrimmed
+    memory = tok.encode(" 42 ")
+    ids = tok.apply_chat_template([{"role": "user", "content": memory}], add_generation_prompt=False)
+    want = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n 42 <|eot_id|>"
+    assert ids == by_specials(tok, want, specials)
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        return
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(llama3_dir / "tokenizer.json"), chat_template=LLAMA3_JINJA,
+                                 bos_token="<|begin_of_text|>")
+    hf_ids = hf.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    assert tok.apply_chat_template(CHAT) == list(getattr(hf_ids, "input_ids", hf_ids))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["no-dummy-prefix", "dummy-prefix"])
+def llama2_tok(request, tmp_path_factory):
+    """A sentencepiece model with <s> / </s>, with and without the dummy prefix Llama-2's has."""
+    import sentencepiece as spm
+    path = tmp_path_factory.mktemp("llama2") / "tokenizer.model"
+    with open(path, "wb") as f:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=iter(CORPUS + ["[INST] <<SYS>> <</SYS>> [/INST] What is And for It"]),
+            model_writer=f, vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+            add_dummy_prefix=request.param, remove_extra_whitespaces=False, normalization_rule_name="identity",
+            user_defined_symbols=["\n"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return load_tokenizer(path, chat_template="llama2")
+
+
+def test_llama2_template_token_by_token(llama2_tok):
+    tok = llama2_tok
+    # Llama-2-chat strips the system block and the first user message as one string, so the user's
+    # leading spaces stay
+    rendered = ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n  What is the number for lamp? [/INST] It is 1234. </s>"
+                "<s>[INST] And for river? [/INST]")
+    specials = {"<s>": tok.bos_id, "</s>": tok.eos_id}
+    assert tok.apply_chat_template(CHAT) == by_specials(tok, rendered, specials)
+    # without a system message; ids content is spliced untrimmed
+    memory = tok.encode("42")
+    ids = tok.apply_chat_template([{"role": "user", "content": memory}])
+    assert ids == [tok.bos_id] + tok.encode("[INST] ") + memory + tok.encode(" [/INST]")
+
+
+def test_llama2_rejects_what_it_cannot_render(llama2_tok):
+    late_system = [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."}]
+    with pytest.raises(ValueError, match=r"system message must be the first message; message 1 is 'system'"):
+        llama2_tok.apply_chat_template(late_system)
+    two_users = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+    with pytest.raises(ValueError, match=r"roles must alternate user/assistant.*message 1 is 'user'"):
+        llama2_tok.apply_chat_template(two_users)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama2", "llama3", "plain"])
+@pytest.mark.parametrize("role", ["tool", "asistant", None])
+def test_unknown_roles_are_errors(sp_tok, template, role):
+    tok = load_tokenizer(sp_tok.path, chat_template=template)
+    msgs = [{"role": "user", "content": "hi"}, {"role": role, "content": "x"}]
+    with pytest.raises(ValueError, match=rf"messages\[1\]: role {role!r} is not one of"):
+        tok.apply_chat_template(msgs)
+    with pytest.raises(ValueError, match="non-empty list"):
+        tok.apply_chat_template([])
+    with pytest.raises(ValueError, match=r"messages\[0\]: content must be a str or a list of token ids"):
+        tok.apply_chat_template([{"role": "user", "content": 5}])
+
+
+def test_corrupt_tokenizer_config_names_the_file(sp_tok, tmp_path):
+    import shutil
+    shutil.copy(sp_tok.path, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('["a list"]')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: expected a JSON object"):
+        load_tokenizer(tmp_path)
+
+
+def test_lone_surrogate_is_a_clear_error(sp_tok, hf_dir):
+    for tok in (sp_tok, load_tokenizer(hf_dir)):
+        with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at index 3"):
+            tok.encode("abc\ud800def")
+        assert tok.decode(tok.encode("abc\ufffddef")) == "abc\ufffddef"  # the replacement char is fine
+        with pytest.raises(TypeError, match="encode takes a str, got list"):
+            tok.encode(["abc"])
