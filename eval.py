@@ -1,36 +1,53 @@
 """Length sweeps: run a model as a memory agent (or on one long prompt) over tasks x lengths.
 
-    python eval.py --model runs/tiny --tasks niah_single,vt,hotpotqa:hotpot_dev.json \\
-        --lengths 8k,32k,128k --samples 64 --out tiny.json --plot tiny.png
+    python eval.py --model checkpoints/tiny --tasks niah_single,vt --lengths 1k,64k --out tiny.json
+    python eval.py --model out/memagent-7b --tasks hotpotqa:hotpot_dev.json --protocol memagent --out 7b.json
     python eval.py --from tiny.json qwen7b.json --plot overlay.png --markdown   # nothing is run
+    python eval.py --model Qwen2.5-7B-Instruct --tasks hotpotqa:hotpot_train.json --closed-book hard.jsonl
 
-Every task x length cell runs its samples once (greedy by default) and reports the mean score (the
-task's scorer on the last \\boxed{} of the answer), the mean document tokens read, the wall time, and
-document tokens read per second. A failing sample scores 0, keeps its error, and the run goes on.
-Lengths are tokens of the model's tokenizer ("8k", "128k", "3.5m") for the synthetic tasks
+The agent's budgets and template come from the checkpoint's agent.json (--chunk-tokens etc.
+override them). Every task x length cell rolls each of --samples questions out --n times (greedy
+by default) and reports the mean score over all questions x rollouts (the task's scorer on the
+last \\boxed{} of the answer) with its 95% Wilson interval, the mean document tokens read, the wall
+time, and document tokens read per second. A failing rollout scores 0, keeps its error, and the
+run goes on. Lengths are tokens of the model's tokenizer ("8k", "3.5m") for the synthetic tasks
 (tasks.TASKS). For hotpotqa:FILE they are numbers of documents: a plain number is a document count
-(50, 100, 200, ...) and a k/m length converts at the paper's 200 documents per 28K tokens (7k -> 50,
-28k -> 200, 3.5m -> 25600). A jsonl:FILE task is the file's lines and ignores --lengths.
+(50, 100, ...) and a k/m length converts at the paper's 200 documents per 28K tokens (28k -> 200).
+A jsonl:FILE task is the file's lines and ignores --lengths.
 
+--protocol memagent is the released evaluation of RULER-HotpotQA: temperature 0.7, top_p 0.95,
+the same seeded 128 questions at 50, 100, ..., 25600 documents, scored with sub_em.
 --mode direct puts the whole document in one prompt, cut in the middle to fit the model's window
 (the paper's baselines); tokens read are then the document tokens that fit.
+--closed-book OUT.jsonl asks each question of a hotpotqa or jsonl file with no document and writes
+the records the model does not answer to OUT.jsonl, one per line, as the input held them.
+
+Nothing is lost to a crash: every argument, task source, length and output path is checked
+before the first cell, and --out is rewritten after each cell, marked "complete": false until
+the sweep ends.
 """
 import argparse
 import json
+import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
-from memory_agent import MemoryAgent, document_tokens, extract_boxed, load_template
+import tasks as tasklib
+from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens, extract_boxed
 from model import build_model
-from rollout import Engine, SamplingParams
-from tasks import TASKS, load_hotpotqa, load_jsonl, make_samples, parse_length, score
+from rollout import Engine, SamplingParams, derive_seed
+from tasks import TASKS, Sample, load_hotpotqa, load_jsonl, make_samples, parse_length, score
 from tokenizer import load_tokenizer
 
-HEADER = (f"{'task':<16} {'length':>9} {'samples':>7} {'acc':>6} {'tokens read':>11} {'seconds':>8} {'tok/s':>8} "
-          f"{'errors':>6}")
+DEFAULTS = dict(lengths="8k", samples=64, n=1, temperature=0.0, top_p=1.0, seed=0)
+# the release's RULER-HotpotQA evaluation (its lengths are documents: about 7K ... 3.5M tokens)
+PROTOCOLS = {"memagent": dict(lengths=",".join(str(50 * 2**i) for i in range(10)), samples=128, n=1,
+                              temperature=0.7, top_p=0.95, seed=0)}
+HEADER = (f"{'task':<16} {'length':>9} {'samples':>7} {'n':>3} {'acc':>6} {'95% CI':>13} {'tokens read':>11} "
+          f"{'seconds':>8} {'tok/s':>8} {'errors':>6}")
 
 
 def hotpotqa_docs(length):
@@ -59,6 +76,38 @@ def plan(tasks, lengths):
     return cells
 
 
+def check_writable(path, what):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path!r}: no such directory {folder!r}")
+    if not os.access(folder, os.W_OK) or os.path.isdir(path):
+        raise ValueError(f"{what} {path!r}: cannot write a file there")
+
+
+def check_sweep(tasks, lengths, samples, n, tokenizer, seed, out=None, traces=None):
+    """Every input of a sweep checked before any cell runs -> its cells. ValueError naming the bad one."""
+    for name, value in (("samples", samples), ("n", n)):
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for what, path in (("out", out), ("traces", traces)):
+        if path:
+            check_writable(path, what)
+    cells = plan(tasks, lengths)
+    check_length = getattr(tasklib, "check_length", None)
+    docs = {}  # hotpotqa file -> its document counts
+    for name, kind, path, length in cells:
+        if kind in TASKS and check_length:
+            check_length(kind, length, tokenizer, num=samples, seed=seed)
+        elif kind == "hotpotqa":
+            docs.setdefault(path, []).append(length)
+        elif kind == "jsonl":
+            load_jsonl(path)
+    for path, counts in docs.items():  # the fewest documents bound the gold paragraphs, the most the distractors
+        for num_docs in {min(counts), max(counts)}:
+            load_hotpotqa(path, num_docs, num_samples=samples, seed=seed)
+    return cells
+
+
 def load_samples(kind, path, length, tokenizer, num, seed):
     if kind == "hotpotqa":
         return load_hotpotqa(path, length, num_samples=num, seed=seed)
@@ -67,13 +116,34 @@ def load_samples(kind, path, length, tokenizer, num, seed):
     return make_samples(kind, length, tokenizer, num, seed)
 
 
-def run_agent(agent, samples, params):
-    return [dict(answer_text=t.answer_text, answer=t.answer, tokens_read=t.tokens_read,
-                 doc_tokens=s.meta.get("doc_tokens") or t.tokens_read, error=t.error)
-            for s, t in zip(samples, agent.run(samples, params=params))]
+def wilson(mean, count, z=1.96):
+    """The Wilson score interval of a proportion `mean` seen over `count` Bernoulli trials (95% at z=1.96)."""
+    if count == 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / count
+    center = (mean + z * z / (2 * count)) / denom
+    half = z * math.sqrt(mean * (1 - mean) / count + z * z / (4 * count * count)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
 
 
-def run_direct(agent, engine, samples, params, max_prompt_tokens):
+def decode_answer(tok, token_ids):
+    text = tok.decode([i for i in token_ids if i not in tok.stop_ids and i != tok.pad_id])
+    return text, extract_boxed(text)
+
+
+def rollout_seed(seed, sample, rollout):
+    """Rollout k of sample i draws its own noise, as the agent seeds its turns; None stays unseeded."""
+    return None if seed is None else derive_seed(seed, sample, rollout)
+
+
+def run_agent(agent, samples, params, n):
+    trajs = agent.run(samples, n=n, params=params)
+    return [dict(answer_text=t.answer_text, answer=t.answer, tokens_read=t.tokens_read, error=t.error,
+                 doc_tokens=samples[j // n].meta.get("doc_tokens") or t.tokens_read, memories=t.memories)
+            for j, t in enumerate(trajs)]
+
+
+def run_direct(agent, engine, samples, params, n, max_prompt_tokens):
     outs, prompts, per_prompt = [], [], []
     for i, s in enumerate(samples):
         try:
@@ -81,68 +151,167 @@ def run_direct(agent, engine, samples, params, max_prompt_tokens):
             frame = len(agent.direct_prompt(replace(s, document=""), max_prompt_tokens))  # all but the document
             doc = s.meta.get("doc_tokens") or sum(map(len, document_tokens(s.document, agent.tok)))
         except ValueError as e:  # a question longer than the window, an unreadable file: this sample fails
-            outs.append(dict(answer_text=None, answer=None, tokens_read=0, doc_tokens=0, error=str(e)))
+            outs += [dict(answer_text=None, answer=None, tokens_read=0, doc_tokens=0, error=str(e), memories=[])] * n
             continue
-        outs.append(dict(tokens_read=len(prompt) - frame, doc_tokens=doc, error=None))
-        prompts.append(prompt)
-        per_prompt.append(replace(params, seed=hash((params.seed, i)) & 0x7FFFFFFF))  # as the agent seeds its turns
+        for k in range(n):
+            outs.append(dict(tokens_read=len(prompt) - frame, doc_tokens=doc, error=None, memories=[]))
+            prompts.append(prompt)
+            per_prompt.append(replace(params, seed=rollout_seed(params.seed, i, k)))
     completions = iter(engine.generate(prompts, per_prompt))
     for o in outs:
         if o["error"] is None:
             c = next(completions)
-            text = agent.tok.decode(c.token_ids)  # special tokens (the stop token) dropped
-            o.update(answer_text=text, answer=extract_boxed(text), error=c.error)
+            text, answer = decode_answer(agent.tok, c.token_ids)
+            o.update(answer_text=text, answer=answer, error=c.error)
     return outs
 
 
-def evaluate(model, tokenizer, tasks, lengths, samples, mode="agent", chunk_tokens=5000, memory_tokens=1024,
-             answer_tokens=1024, question_tokens=1024, template="default", temperature=0.0, seed=0,
-             engine=None, progress=False) -> dict:
-    """Run every task x length cell -> {"config", "results" (a row per cell), "predictions" (per sample)}.
-    `engine` lets a caller (train.py) reuse its own; with `progress`, bars and a table row per cell."""
+def cell_row(name, length, mode, cell, preds, n, seconds):
+    """One cell's summary. Accuracy is the mean over questions x rollouts; its interval treats those
+    as independent Bernoulli trials of that mean. For fractional scorers (string_match_all over several
+    needles, f1) the same formula bounds the mean, since a score in [0, 1] with mean p has variance
+    at most p(1 - p): the interval is then conservative."""
+    count = max(len(preds), 1)
+    accuracy = sum(p["score"] for p in preds) / count
+    low, high = wilson(accuracy, len(preds))
+    read = sum(p["tokens_read"] for p in preds)
+    return dict(task=name, length=length, mode=mode, samples=len(cell), n=n, accuracy=accuracy, ci_low=low,
+                ci_high=high, tokens_read=read / count, doc_tokens=sum(p["doc_tokens"] for p in preds) / count,
+                seconds=seconds, tokens_per_s=read / max(seconds, 1e-9),
+                errors=sum(p["error"] is not None for p in preds))
+
+
+def write_json(path, obj):
+    """Whole or not at all: a crash while writing leaves the previous file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def make_engine(model, sequences, seed, progress):
+    """Off CUDA the KV cache is a fixed size: room for every sequence at full length, <= 1 GiB."""
+    cfg, p = model.config, next(model.parameters())
+    token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * p.element_size()
+    return Engine(model, kv_cache_bytes=min(2**30, sequences * (cfg.max_position_embeddings + 16) * token_bytes),
+                  seed=seed, progress=progress)
+
+
+def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode="agent", temperature=0.0,
+             top_p=1.0, n=1, seed=0, engine=None, progress=False, out=None, traces=None) -> dict:
+    """Run every task x length cell -> {"config", "complete", "results" (a row per cell), "predictions"
+    (one per question and rollout)}. `engine` lets a caller (train.py) reuse its own; with `progress`,
+    bars and a table row per cell. `out`: the JSON, rewritten after each cell; `traces`: JSONL of each
+    rollout's memories and answer."""
     if mode not in ("agent", "direct"):
         raise ValueError(f"mode must be 'agent' or 'direct', got {mode!r}")
-    cells = plan(tasks, lengths)
-    if engine is None:  # off CUDA the cache is a fixed size: room for every sample at full length, <= 1 GiB
-        cfg, p = model.config, next(model.parameters())
-        token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * p.element_size()
-        engine = Engine(model, kv_cache_bytes=min(2**30, samples * (cfg.max_position_embeddings + 16) * token_bytes),
-                        seed=seed, progress=progress)
+    cells = check_sweep(tasks, lengths, samples, n, tokenizer, seed, out, traces)
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    params.check()
+    if engine is None:
+        engine = make_engine(model, samples * n, seed, progress)
     if mode == "agent":
-        agent = MemoryAgent(engine, tokenizer, chunk_tokens, memory_tokens, answer_tokens, question_tokens,
-                            template, keep_conversations=False, progress=progress)
-        params = SamplingParams(temperature=temperature, seed=seed)
+        runner = MemoryAgent(engine, tokenizer, agent, keep_conversations=False, progress=progress)
     else:  # the agent only builds the prompts: the update turn's budget does not apply
-        agent = MemoryAgent(None, tokenizer, template=template)
-        max_prompt = engine.max_len - answer_tokens
+        runner = MemoryAgent(None, tokenizer, agent)
+        max_prompt = engine.max_len - agent.answer_tokens
         if max_prompt <= 0:
-            raise ValueError(f"answer_tokens={answer_tokens} leaves no room in the model's {engine.max_len} positions")
-        params = SamplingParams(temperature=temperature, max_new_tokens=answer_tokens,
-                                stop_token_ids=tuple(tokenizer.stop_ids), seed=seed)
-    config = dict(tasks=list(tasks), lengths=[str(l) for l in lengths], samples=samples, mode=mode,
-                  chunk_tokens=chunk_tokens, memory_tokens=memory_tokens, answer_tokens=answer_tokens,
-                  question_tokens=question_tokens, template=template, temperature=temperature, seed=seed)
-    results, predictions = [], []
+            raise ValueError(f"agent.answer_tokens={agent.answer_tokens} leaves no room in the model's "
+                             f"{engine.max_len} positions")
+        params = replace(params, max_new_tokens=agent.answer_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
+    config = dict(tasks=list(tasks), lengths=[str(l) for l in lengths], samples=samples, n=n, mode=mode,
+                  agent=asdict(agent), temperature=temperature, top_p=top_p, seed=seed)
+    res = dict(config=config, complete=False, results=[], predictions=[])
     if progress:
         print(HEADER, flush=True)
-    for name, kind, path, length in cells:
-        cell = load_samples(kind, path, length, tokenizer, samples, seed)
-        t0 = time.perf_counter()
-        outs = (run_agent(agent, cell, params) if mode == "agent"
-                else run_direct(agent, engine, cell, params, max_prompt))
-        seconds = time.perf_counter() - t0
-        preds = [dict(task=name, length=length, id=s.id, answer=o["answer"], answers=s.answers,
-                      score=0.0 if o["error"] else score(s, o["answer"]), error=o["error"],
-                      answer_text=o["answer_text"], tokens_read=o["tokens_read"]) for s, o in zip(cell, outs)]
-        n, read = max(len(preds), 1), sum(p["tokens_read"] for p in preds)
-        row = dict(task=name, length=length, mode=mode, samples=len(preds), accuracy=sum(p["score"] for p in preds) / n,
-                   tokens_read=read / n, doc_tokens=sum(o["doc_tokens"] for o in outs) / n, seconds=seconds,
-                   tokens_per_s=read / max(seconds, 1e-9), errors=sum(p["error"] is not None for p in preds))
-        if progress:
-            print(format_row(row), flush=True)
-        results.append(row)
-        predictions += preds
-    return dict(config=config, results=results, predictions=predictions)
+    trace_file = open(traces, "w") if traces else None
+    try:
+        for name, kind, path, length in cells:
+            cell = load_samples(kind, path, length, tokenizer, samples, seed)
+            t0 = time.perf_counter()
+            outs = (run_agent(runner, cell, params, n) if mode == "agent"
+                    else run_direct(runner, engine, cell, params, n, max_prompt))
+            seconds = time.perf_counter() - t0
+            preds = [dict(task=name, length=length, id=s.id, rollout=j % n, answer=o["answer"], answers=s.answers,
+                          score=0.0 if o["error"] else score(s, o["answer"]), error=o["error"],
+                          answer_text=o["answer_text"], tokens_read=o["tokens_read"], doc_tokens=o["doc_tokens"])
+                     for j, (s, o) in enumerate(zip((s for s in cell for _ in range(n)), outs))]
+            row = cell_row(name, length, mode, cell, preds, n, seconds)
+            res["results"].append(row)
+            res["predictions"] += preds
+            if progress:
+                print(format_row(row), flush=True)
+            if out:
+                write_json(out, res)
+            if trace_file:
+                for p, o in zip(preds, outs):
+                    trace_file.write(json.dumps(dict(task=name, length=length, id=p["id"], rollout=p["rollout"],
+                                                     memories=o["memories"], answer_text=o["answer_text"],
+                                                     answer=o["answer"], score=p["score"], error=o["error"])) + "\n")
+                trace_file.flush()
+    finally:
+        if trace_file:
+            trace_file.close()
+    res["complete"] = True
+    if out:
+        write_json(out, res)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# the closed-book filter: questions the model answers without the document teach nothing
+
+def read_records(path):
+    """The records of a JSON list, or of a JSONL file (one JSON value per line), in order."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({e})") from None
+    try:
+        whole = json.loads(text)
+        return whole if isinstance(whole, list) else [whole]
+    except json.JSONDecodeError:
+        pass
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: malformed JSON ({e.msg})") from None
+    return records
+
+
+def question_file(kind, path):
+    """A hotpotqa or jsonl file -> (its records as read, a Sample per record with no document)."""
+    question, answer, ident = ("question", "answer", "_id") if kind == "hotpotqa" else ("question", "answers", "id")
+    records, samples = read_records(path), []
+    for i, rec in enumerate(records):
+        golds = rec.get(answer) if isinstance(rec, dict) else None
+        golds = [golds] if isinstance(golds, str) else golds
+        if not (isinstance(golds, list) and golds and all(isinstance(g, str) for g in golds)
+                and isinstance(rec.get(question), str)):
+            raise ValueError(f"{path}: record {i} needs a string {question!r} and {answer!r}")
+        samples.append(Sample(str(rec.get(ident, i)), rec[question], "", golds, dict(scorer="sub_em")))
+    return records, samples
+
+
+def closed_book(engine, tokenizer, agent: AgentConfig, samples, params: SamplingParams, n=1):
+    """Whether the model answers each question without its document -> (answered flags, rollouts
+    that failed). Answered: any of the n rollouts scores above 0 with the sample's scorer. Each
+    question is asked through the agent's own final-answer turn with the empty-memory placeholder:
+    the prompt the policy answers from, as it looks when nothing was read, so a question it still
+    fails is one it can answer only by reading (a direct prompt with an empty text would test a
+    frame the policy is never trained or evaluated in)."""
+    prompter = MemoryAgent(None, tokenizer, agent)
+    prompts = [prompter.prompt(tokenizer.encode(s.question), []) for s in samples]
+    params = replace(params, max_new_tokens=agent.answer_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
+    completions = engine.generate([p for p in prompts for _ in range(n)],
+                                  [replace(params, seed=rollout_seed(params.seed, i, k))
+                                   for i in range(len(samples)) for k in range(n)])
+    answered = [any(c.finish_reason != "error" and score(s, decode_answer(tokenizer, c.token_ids)[1]) > 0
+                    for c in completions[i * n:(i + 1) * n]) for i, s in enumerate(samples)]
+    return answered, sum(c.finish_reason == "error" for c in completions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,8 +328,10 @@ def length_label(task, length):
 
 
 def format_row(r):
-    return (f"{r['task']:<16} {length_label(r['task'], r['length']):>9} {r['samples']:>7} {100 * r['accuracy']:>6.1f} "
-            f"{r['tokens_read']:>11.0f} {r['seconds']:>8.1f} {r['tokens_per_s']:>8.0f} {r['errors']:>6}")
+    ci = f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+    return (f"{r['task']:<16} {length_label(r['task'], r['length']):>9} {r['samples']:>7} {r['n']:>3} "
+            f"{100 * r['accuracy']:>6.1f} {ci:>13} {r['tokens_read']:>11.0f} {r['seconds']:>8.1f} "
+            f"{r['tokens_per_s']:>8.0f} {r['errors']:>6}")
 
 
 def markdown(runs):
@@ -180,7 +351,8 @@ def markdown(runs):
 
 
 def plot(runs, path):
-    """Accuracy vs document tokens (log x), a line per (run, task, mode). False if matplotlib is missing."""
+    """A panel per task (one y axis), a line per (run, mode): accuracy vs document tokens (log x),
+    shaded with its 95% interval where the results have one. False if matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
@@ -188,77 +360,146 @@ def plot(runs, path):
     except ImportError:
         print(f"matplotlib is not installed: skipping the plot {path} (pip install matplotlib)")
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, res in runs:
-        lines = {}
-        for r in res["results"]:
-            lines.setdefault((r["task"], r["mode"]), []).append(r)
-        for (task, mode), rows in lines.items():
-            rows.sort(key=lambda r: r["doc_tokens"])
-            ax.plot([r["doc_tokens"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o",
-                    label=f"{task} ({mode})" if len(runs) == 1 else f"{label}: {task} ({mode})")
-    ax.set(xscale="log", xlabel="document tokens", ylabel="accuracy (x100)", ylim=(-2, 102))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    names = list(dict.fromkeys(r["task"] for _, res in runs for r in res["results"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(1 + 4 * len(names), 4.2), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], names):
+        for label, res in runs:
+            for mode in dict.fromkeys(r["mode"] for r in res["results"] if r["task"] == task):
+                rows = sorted((r for r in res["results"] if r["task"] == task and r["mode"] == mode),
+                              key=lambda r: r["doc_tokens"])
+                x = [r["doc_tokens"] for r in rows]
+                ax.plot(x, [100 * r["accuracy"] for r in rows], marker="o", label=f"{label} ({mode})")
+                if all("ci_low" in r for r in rows):
+                    ax.fill_between(x, [100 * r["ci_low"] for r in rows], [100 * r["ci_high"] for r in rows],
+                                    alpha=0.15)
+        ax.set(title=task, xscale="log", xlabel="document tokens")
+        ax.grid(alpha=0.3)
+    axes[0][0].set(ylabel="accuracy (x100)", ylim=(-2, 102))
+    axes[0][-1].legend(fontsize=8)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")
     return True
 
 
-def main(argv=None):
+# --------------------------------------------------------------------------------------------
+# command line
+
+def read_results(p, paths):
+    runs = []
+    for f in paths:
+        try:
+            with open(f) as fh:
+                res = json.load(fh)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            p.error(f"{f}: cannot read results ({e})")
+        for key in ("config", "results"):
+            if not (isinstance(res, dict) and key in res):
+                p.error(f"{f}: not eval.py results (no {key!r} key)")
+        runs.append((res["config"].get("label") or os.path.splitext(os.path.basename(f))[0], res))
+    return runs
+
+
+def resolve_protocol(p, args):
+    """Fill the flags left unset from --protocol's values, or the defaults; a protocol fixes its own."""
+    preset = PROTOCOLS[args.protocol] if args.protocol else DEFAULTS
+    fixed = [k for k in preset if k != "lengths" and getattr(args, k) is not None] if args.protocol else []
+    if fixed:
+        p.error(f"--protocol {args.protocol} fixes {', '.join('--' + k.replace('_', '-') for k in fixed)}")
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def parser():
     p = argparse.ArgumentParser(description="Evaluate a model as a memory agent over tasks x lengths.")
     p.add_argument("--model", help="HF checkpoint directory (or a tiny config name: random weights)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
     p.add_argument("--tasks", default="niah_single", help="comma-separated: task names, hotpotqa:FILE, jsonl:FILE")
-    p.add_argument("--lengths", default="8k", help="comma-separated: tokens (8k,128k); documents for hotpotqa")
-    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--lengths", help=f"comma-separated: tokens (8k,128k); documents for hotpotqa "
+                                     f"(default {DEFAULTS['lengths']})")
+    p.add_argument("--samples", type=int, help=f"questions per cell (default {DEFAULTS['samples']})")
+    p.add_argument("--n", type=int, help="rollouts per question; accuracy is the mean over all (default 1)")
     p.add_argument("--mode", choices=("agent", "direct"), default="agent")
-    for name, default in (("chunk", 5000), ("memory", 1024), ("answer", 1024), ("question", 1024)):
-        p.add_argument(f"--{name}-tokens", type=int, default=default)
-    p.add_argument("--template", default="default", help="default, section_first, or a JSON file")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    add_agent_flags(p)
+    p.add_argument("--temperature", type=float, help="default 0: greedy")
+    p.add_argument("--top-p", type=float, help="default 1")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="a published evaluation's settings")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--label", help="the run's name in plots and tables (default: the model's)")
-    p.add_argument("--out", help="write results and predictions to this JSON file")
+    p.add_argument("--out", help="write results and predictions to this JSON file (after every cell)")
+    p.add_argument("--traces", help="write each rollout's memories and answer to this JSONL file")
+    p.add_argument("--closed-book", metavar="OUT_JSONL", help="write the questions of the one hotpotqa or jsonl "
+                                                               "task that the model cannot answer without the document")
     p.add_argument("--plot", help="write accuracy vs length to this PNG (needs matplotlib)")
     p.add_argument("--markdown", action="store_true", help="print markdown tables of the results")
     p.add_argument("--from", dest="sources", nargs="+", metavar="JSON", help="report these results; run nothing")
-    args = p.parse_args(argv)
+    return p
 
+
+def check_inputs(args):
+    """Everything a run reads or writes, checked before the model is loaded -> (agent config,
+    tokenizer, the closed-book question file or None). ValueError or OSError naming the bad input."""
+    tasks = args.tasks.split(",")
+    agent = agent_config(args.model, args)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    SamplingParams(temperature=args.temperature, top_p=args.top_p).check()
+    if not args.closed_book:
+        cells = check_sweep(tasks, args.lengths.split(","), args.samples, args.n, tokenizer, args.seed,
+                            args.out, args.traces)
+        if args.protocol and any(kind not in ("hotpotqa", "jsonl") for _, kind, _, _ in cells):
+            raise ValueError(f"--protocol {args.protocol} scores hotpotqa or jsonl questions with sub_em; "
+                             f"the synthetic tasks have their own scorers")
+        return agent, tokenizer, None
+    if len(tasks) != 1 or tasks[0].partition(":")[0] not in ("hotpotqa", "jsonl"):
+        raise ValueError(f"--closed-book takes one hotpotqa:FILE or jsonl:FILE task, got {args.tasks!r}")
+    if args.n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {args.n}")
+    check_writable(args.closed_book, "--closed-book")
+    plan(tasks, ["1"])  # the file exists
+    return agent, tokenizer, question_file(*tasks[0].split(":", 1))
+
+
+def write_closed_book(args, model, tokenizer, agent, records, questions):
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    engine = make_engine(model, args.n, args.seed, progress=True)
+    answered, failed = closed_book(engine, tokenizer, agent, questions, params, args.n)
+    with open(args.closed_book, "w") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec, known in zip(records, answered) if not known)
+    print(f"closed book: {sum(answered)} of {len(records)} questions answered without the document; wrote "
+          f"the other {len(records) - sum(answered)} to {args.closed_book}"
+          + (f" ({failed} rollouts failed)" if failed else ""))
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
     if args.sources and args.model:
         p.error("--from reports saved results: give it without --model")
     if args.sources:
-        runs = []
-        for f in args.sources:
-            try:
-                with open(f) as fh:
-                    res = json.load(fh)
-            except (OSError, json.JSONDecodeError) as e:
-                p.error(f"{f}: cannot read results ({e})")
-            runs.append((res["config"].get("label") or os.path.splitext(os.path.basename(f))[0], res))
+        runs = read_results(p, args.sources)
     elif not args.model:
         p.error("--model is required (or --from to report saved results)")
     else:
-        tasks, lengths = args.tasks.split(","), args.lengths.split(",")
-        try:  # every argument is checked before the model is loaded
-            plan(tasks, lengths)
-            load_template(args.template)
-            tokenizer = load_tokenizer(args.tokenizer or args.model)
+        resolve_protocol(p, args)
+        try:
+            agent, tokenizer, question_set = check_inputs(args)
         except (ValueError, OSError) as e:
             p.error(str(e))
+        print(f"agent: {asdict(agent)}")
         dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
-        res = evaluate(model, tokenizer, tasks, lengths, args.samples, args.mode, args.chunk_tokens,
-                       args.memory_tokens, args.answer_tokens, args.question_tokens, args.template,
-                       args.temperature, args.seed, progress=True)
+        if question_set:
+            return write_closed_book(args, model, tokenizer, agent, *question_set)
+        res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, agent,
+                       args.mode, args.temperature, args.top_p, args.n, args.seed, progress=True, out=args.out,
+                       traces=args.traces)
         res["config"].update(model=args.model, tokenizer=args.tokenizer or args.model, dtype=dtype,
-                             device=args.device, label=args.label)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
+                             device=args.device, label=args.label, protocol=args.protocol)
+        if args.out:  # evaluate wrote each cell; this adds where the run came from
+            write_json(args.out, res)
         runs = [(args.label or os.path.basename(os.path.normpath(args.model)), res)]
     if args.plot:
         plot(runs, args.plot)

@@ -1,9 +1,11 @@
 """eval.py: the in-process sweep in agent and direct mode, the JSON schema, the CLI, bad arguments, reports.
 
-A random tiny model answers nothing right, so the tests check structure and counts, not accuracy.
+Accuracy, its interval and the closed-book filter are checked against an oracle stand-in for the
+model that knows the answers to some questions; a random micro model runs the real pipeline.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,15 +13,21 @@ import pytest
 import torch
 
 import eval as ev
+from memory_agent import AgentConfig
 from model import TINY_CONFIGS, Transformer
+from rollout import Completion
 from tasks import document_text, make_samples
+from test_memory_agent import CharTokenizer
 from tokenizer import train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KW = dict(chunk_tokens=256, memory_tokens=8, answer_tokens=4, question_tokens=64)
-ROW_KEYS = {"task", "length", "mode", "samples", "accuracy", "tokens_read", "doc_tokens", "seconds",
-            "tokens_per_s", "errors"}
-PRED_KEYS = {"task", "length", "id", "answer", "answers", "score", "error", "answer_text", "tokens_read"}
+AGENT = AgentConfig(chunk_tokens=256, memory_tokens=8, answer_tokens=4, question_tokens=64)
+ROW_KEYS = {"task", "length", "mode", "samples", "n", "accuracy", "ci_low", "ci_high", "tokens_read", "doc_tokens",
+            "seconds", "tokens_per_s", "errors"}
+PRED_KEYS = {"task", "length", "id", "rollout", "answer", "answers", "score", "error", "answer_text", "tokens_read",
+             "doc_tokens"}
+TOK = CharTokenizer()
+ORACLE_AGENT = AgentConfig(chunk_tokens=40, memory_tokens=50, answer_tokens=50, question_tokens=100)
 
 
 class Words:
@@ -48,20 +56,153 @@ def checkpoint(tmp_path_factory):
     return path, model, tok
 
 
+class Oracle:
+    """The engine's interface around a model that knows the answers to some questions: a memory
+    update writes "read", a final turn (or a direct prompt) boxes the known answer or "unknown"."""
+
+    def __init__(self, known, fail_on=None):
+        self.known, self.fail_on = known, fail_on
+        self.max_len, self.queue, self.ids, self.prompts = 100_000, [], 0, []
+        self.stats = dict(prefill_tokens=0, decode_tokens=0)
+
+    def add_request(self, prompt, params):
+        self.queue.append((self.ids, prompt, params))
+        self.ids += 1
+        return self.ids - 1
+
+    def has_unfinished(self):
+        return bool(self.queue)
+
+    def abort(self, rid):
+        self.queue = [q for q in self.queue if q[0] != rid]
+
+    def step(self):
+        done, self.queue = self.queue, []
+        out = []
+        for rid, prompt, params in done:
+            text = TOK.decode(prompt)
+            self.prompts.append(text)
+            problem = re.search(r"<problem>\n(.*?)\n</problem>", text, re.S).group(1)
+            if problem == self.fail_on:
+                raise RuntimeError("the model crashed")
+            reply = "read" if "<section>" in text else f"\\boxed{{{self.known.get(problem, 'unknown')}}}"
+            ids = TOK.encode(reply)[:params.max_new_tokens - 1] + [1]
+            out.append(Completion(ids, [0.0] * len(ids), "stop", None, rid))
+        return out
+
+    def generate(self, prompts, params):
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done = {c.request_id: c for c in self.step()}
+        return [done[i] for i in ids]
+
+
+def qa_file(path, n, known=()):
+    """n questions in the jsonl layout, each with a 100-character context (3 chunks of 40)."""
+    records = [dict(id=f"q{i}", question=f"Where is lamp {i}?", context=f"Lamp {i} is in room {i}. " + "x" * 79,
+                    answers=[f"room {i}"]) for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records, {r["question"]: r["answers"][0] for r in records if r["id"] in known}
+
+
+def test_wilson_interval_against_hand_computed_values():
+    for mean, count, want in ((0.8, 10, (0.4902, 0.9433)), (0.6, 5, (0.2307, 0.8824)), (0.0, 10, (0.0, 0.2775)),
+                              (1.0, 10, (0.7225, 1.0)), (0.5, 100, (0.4038, 0.5962))):
+        assert ev.wilson(mean, count) == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["agent", "direct"])
+def test_accuracy_is_the_mean_over_questions_and_rollouts(tmp_path, mode):
+    _, known = qa_file(tmp_path / "qa.jsonl", 5, known=("q0", "q2", "q3"))
+    res = ev.evaluate(None, TOK, [f"jsonl:{tmp_path / 'qa.jsonl'}"], ["1"], 5, ORACLE_AGENT, mode=mode, n=2,
+                      engine=Oracle(known))
+    (row,) = res["results"]
+    assert (row["samples"], row["n"], row["errors"]) == (5, 2, 0)
+    assert row["accuracy"] == 0.6  # 3 of 5 known, each rollout right
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.3127, 0.8318), abs=1e-4)  # Wilson, 6 of 10
+    assert [(p["id"], p["rollout"], p["score"]) for p in res["predictions"]] == [
+        (f"q{i}", k, float(f"q{i}" in ("q0", "q2", "q3"))) for i in range(5) for k in range(2)]
+    assert row["tokens_read"] == 100 and row["doc_tokens"] == 100  # the whole context, read or fitted
+    assert res["complete"]
+
+
+def test_out_keeps_finished_cells_when_the_sweep_crashes(tmp_path):
+    _, known = qa_file(tmp_path / "a.jsonl", 2, known=("q0",))
+    records, _ = qa_file(tmp_path / "b.jsonl", 2)
+    out = tmp_path / "res.json"
+    tasks = [f"jsonl:{tmp_path / 'a.jsonl'}", f"jsonl:{tmp_path / 'b.jsonl'}"]
+    (tmp_path / "b.jsonl").write_text(json.dumps(dict(records[0], question="boom")) + "\n")
+    with pytest.raises(RuntimeError, match="crashed"):
+        ev.evaluate(None, TOK, tasks, ["1"], 2, ORACLE_AGENT, engine=Oracle(known, fail_on="boom"), out=str(out))
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and [(r["task"], r["accuracy"]) for r in saved["results"]] == [("a", 0.5)]
+    ev.evaluate(None, TOK, tasks, ["1"], 2, ORACLE_AGENT, engine=Oracle(known), out=str(out))
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True and [r["task"] for r in saved["results"]] == ["a", "b"]
+
+
+def test_every_input_is_checked_before_the_first_cell(tmp_path):
+    qa_file(tmp_path / "qa.jsonl", 2)
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n')
+    (tmp_path / "bad.json").write_text("[{}]")
+    good = [f"jsonl:{tmp_path / 'qa.jsonl'}"]
+    engine = Oracle({})
+    for kw, match in ((dict(samples=0), "samples must be an integer >= 1, got 0"), (dict(n=0), "n must be"),
+                      (dict(out=str(tmp_path / "no" / "r.json")), "out .*no such directory"),
+                      (dict(traces=str(tmp_path)), "traces .*cannot write"),
+                      (dict(tasks=good + [f"jsonl:{tmp_path / 'bad.jsonl'}"]), "bad.jsonl:1: missing field"),
+                      (dict(tasks=good + [f"hotpotqa:{tmp_path / 'bad.json'}"]), "bad.json: item 0 has no '_id'"),
+                      (dict(tasks=good + ["niah_single"]), "too short")):
+        args = dict(tasks=good, lengths=["1"], samples=2, n=1) | kw
+        with pytest.raises(ValueError, match=match):
+            ev.evaluate(None, TOK, args.pop("tasks"), args.pop("lengths"), args.pop("samples"), ORACLE_AGENT,
+                        engine=engine, **args)
+        assert engine.ids == 0  # nothing ran
+
+
+def test_traces_hold_each_rollouts_memories_and_answer(tmp_path):
+    _, known = qa_file(tmp_path / "qa.jsonl", 2, known=("q1",))
+    ev.evaluate(None, TOK, [f"jsonl:{tmp_path / 'qa.jsonl'}"], ["1"], 2, ORACLE_AGENT, n=2, engine=Oracle(known),
+                traces=str(tmp_path / "t.jsonl"))
+    lines = [json.loads(l) for l in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [(l["id"], l["rollout"], l["memories"], l["answer"], l["score"]) for l in lines] == [
+        ("q0", 0, ["read"] * 3, "unknown", 0.0), ("q0", 1, ["read"] * 3, "unknown", 0.0),
+        ("q1", 0, ["read"] * 3, "room 1", 1.0), ("q1", 1, ["read"] * 3, "room 1", 1.0)]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "hotpotqa"])
+def test_closed_book_keeps_only_the_questions_the_model_cannot_answer(tmp_path, kind):
+    records, known = qa_file(tmp_path / "qa.jsonl", 4, known=("q1", "q2"))
+    if kind == "hotpotqa":  # the raw HotpotQA layout, one item per line
+        records = [dict(_id=r["id"], question=r["question"], answer=r["answers"][0], supporting_facts=[],
+                        context=[], level="easy") for r in records]
+        (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept_records, questions = ev.question_file(kind, tmp_path / "qa.jsonl")
+    engine = Oracle(known)
+    answered, failed = ev.closed_book(engine, TOK, ORACLE_AGENT, questions, ev.SamplingParams(temperature=0.0), n=2)
+    assert answered == [False, True, True, False] and failed == 0 and kept_records == records
+    assert all("<section>" not in p and "No previous memory." in p for p in engine.prompts)  # no document
+
+
 @pytest.mark.parametrize("mode", ["agent", "direct"])
 def test_evaluate_in_process(checkpoint, mode):
     _, model, tok = checkpoint
-    res = ev.evaluate(model, tok, ["niah_single", "vt"], ["300", "1200"], 2, mode=mode, **KW)
+    res = ev.evaluate(model, tok, ["niah_single", "vt"], ["300", "1200"], 2, AGENT, mode=mode, n=2,
+                      temperature=1.0, top_p=0.9)
     assert [(r["task"], r["length"]) for r in res["results"]] == [
         ("niah_single", 300), ("niah_single", 1200), ("vt", 300), ("vt", 1200)]
-    assert len(res["predictions"]) == 8
+    assert len(res["predictions"]) == 16 and res["complete"]
+    assert res["config"]["agent"] == dict(chunk_tokens=256, memory_tokens=8, answer_tokens=4, question_tokens=64,
+                                          template="default")
     json.loads(json.dumps(res))  # serialisable as is
     for r in res["results"]:
-        assert set(r) == ROW_KEYS and r["mode"] == mode and r["samples"] == 2 and r["errors"] == 0
-        assert 0 <= r["accuracy"] <= 1 and r["seconds"] > 0
+        assert set(r) == ROW_KEYS and r["mode"] == mode and (r["samples"], r["n"], r["errors"]) == (2, 2, 0)
+        preds = [p for p in res["predictions"] if (p["task"], p["length"]) == (r["task"], r["length"])]
+        assert r["accuracy"] == sum(p["score"] for p in preds) / 4
+        assert (r["ci_low"], r["ci_high"]) == ev.wilson(r["accuracy"], 4)
     for p in res["predictions"]:
-        assert set(p) == PRED_KEYS and 0 <= p["score"] <= 1 and p["error"] is None
+        assert set(p) == PRED_KEYS and p["error"] is None
         doc = next(s for s in make_samples(p["task"], p["length"], tok, 2) if s.id == p["id"]).meta["doc_tokens"]
+        assert p["doc_tokens"] == doc
         if mode == "agent":
             assert p["tokens_read"] == doc
         else:  # cut in the middle to the window: 1024 positions less the answer and the prompt frame
@@ -78,39 +219,67 @@ def test_files_hotpotqa_and_a_failing_sample(checkpoint, tmp_path):
              for i in range(3)]
     (tmp_path / "hotpot.json").write_text(json.dumps(items))
     res = ev.evaluate(model, tok, [f"jsonl:{tmp_path / 'qa.jsonl'}", f"hotpotqa:{tmp_path / 'hotpot.json'}"],
-                      ["2", "4"], 5, **KW)
+                      ["2", "4"], 5, AGENT)
     assert [(r["task"], r["length"], r["samples"], r["errors"]) for r in res["results"]] == [
         ("qa", None, 2, 1), ("hotpotqa", 2, 3, 0), ("hotpotqa", 4, 3, 0)]
     bad, ok = res["predictions"][:2]  # the failing sample scores 0, keeps its error, and the run goes on
     assert bad["score"] == 0 and "question_tokens=64" in bad["error"] and ok["error"] is None
-    assert all(0 <= p["score"] <= 1 and p["tokens_read"] > 0 for p in res["predictions"][1:])
+    assert all(p["tokens_read"] > 0 for p in res["predictions"][1:])
 
 
-def test_bad_arguments(checkpoint, capsys):
+def test_bad_arguments(checkpoint, tmp_path, capsys):
     path, model, tok = checkpoint
     for tasks, lengths, match in ((["nope"], ["8k"], "unknown task 'nope'"),
                                   (["niah_single"], ["8x"], "bad length '8x'"),
                                   (["hotpotqa:/no/such.json"], ["50"], "no such file")):
         with pytest.raises(ValueError, match=match):
-            ev.evaluate(model, tok, tasks, lengths, 1, **KW)
+            ev.evaluate(model, tok, tasks, lengths, 1, AGENT)
         with pytest.raises(SystemExit) as e:
             ev.main(["--model", str(path), "--tasks", ",".join(tasks), "--lengths", ",".join(lengths)])
         assert e.value.code == 2 and match in capsys.readouterr().err
+    (tmp_path / "old.json").write_text('{"results": []}')
+    for argv, match in ((["--samples", "0"], "samples must be an integer >= 1, got 0"),
+                        (["--chunk-tokens", "0"], "agent.chunk_tokens must be"),
+                        (["--protocol", "memagent", "--temperature", "1"], "--protocol memagent fixes --temperature"),
+                        (["--protocol", "memagent"], "scores hotpotqa or jsonl questions"),
+                        (["--closed-book", str(tmp_path / "cb.jsonl")], "--closed-book takes one hotpotqa"),
+                        (["--out", str(tmp_path / "no" / "r.json")], "no such directory")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--model", str(path), "--lengths", "300"] + argv)
+        assert e.value.code == 2 and match in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main(["--from", str(tmp_path / "old.json")])
+    assert "old.json: not eval.py results (no 'config' key)" in capsys.readouterr().err
     assert ev.hotpotqa_docs("50") == 50 and ev.hotpotqa_docs("28k") == 200 and ev.hotpotqa_docs("3.5m") == 25600
 
 
-def test_cli_then_reports_from_saved_results(checkpoint, tmp_path, monkeypatch, capsys):
+def test_protocol_memagent_is_the_release_evaluation():
+    args = ev.parser().parse_args(["--model", "m", "--protocol", "memagent"])
+    ev.resolve_protocol(ev.parser(), args)
+    assert (args.temperature, args.top_p, args.samples, args.n, args.seed) == (0.7, 0.95, 128, 1, 0)
+    assert args.lengths == "50,100,200,400,800,1600,3200,6400,12800,25600"
+    args = ev.parser().parse_args(["--model", "m", "--protocol", "memagent", "--lengths", "50"])
+    ev.resolve_protocol(ev.parser(), args)
+    assert args.lengths == "50" and args.temperature == 0.7
+    args = ev.parser().parse_args(["--model", "m"])
+    ev.resolve_protocol(ev.parser(), args)
+    assert (args.temperature, args.top_p, args.samples, args.n, args.lengths) == (0.0, 1.0, 64, 1, "8k")
+
+
+def test_cli_reads_agent_json_then_reports_from_saved_results(checkpoint, tmp_path, monkeypatch, capsys):
     path, _, _ = checkpoint
+    AGENT.save(path)
     out = tmp_path / "run.json"
     cmd = [sys.executable, "eval.py", "--model", str(path), "--tasks", "niah_single", "--lengths", "300",
-           "--samples", "2", "--chunk-tokens", "256", "--memory-tokens", "8", "--answer-tokens", "4",
-           "--question-tokens", "64", "--label", "micro", "--out", str(out)]
+           "--samples", "2", "--answer-tokens", "3", "--label", "micro", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
     assert "niah_single" in proc.stdout and "tok/s" in proc.stdout
     res = json.loads(out.read_text())
-    assert res["config"]["label"] == "micro" and res["config"]["samples"] == 2
+    assert res["config"]["label"] == "micro" and res["config"]["samples"] == 2 and res["complete"]
+    assert res["config"]["agent"] == dict(chunk_tokens=256, memory_tokens=8, answer_tokens=3, question_tokens=64,
+                                          template="default")  # agent.json, then the flag
     assert len(res["results"]) == 1 and len(res["predictions"]) == 2
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
@@ -120,9 +289,34 @@ def test_cli_then_reports_from_saved_results(checkpoint, tmp_path, monkeypatch, 
     assert "| run | 300 |" in printed and "| micro (agent) |" in printed
 
 
-def test_plot_overlays_runs(tmp_path):
+def test_cli_closed_book_writes_the_input_layout(checkpoint, tmp_path):
+    path, _, _ = checkpoint
+    items = [dict(_id=f"h{i}", question=f"Where is lamp {i}?", answer="attic", supporting_facts=[[f"T{i}", 0]],
+                  context=[[f"T{i}", [f"Lamp {i} is in the attic."]]], type="bridge") for i in range(3)]
+    (tmp_path / "hotpot.json").write_text(json.dumps(items))
+    ev.main(["--model", str(path), "--tasks", f"hotpotqa:{tmp_path / 'hotpot.json'}", "--closed-book",
+             str(tmp_path / "hard.jsonl"), "--chunk-tokens", "256", "--answer-tokens", "4"])
+    # a random model answers nothing: every item is kept, as it was, one per line
+    assert [json.loads(l) for l in (tmp_path / "hard.jsonl").read_text().splitlines()] == items
+
+
+def test_plot_has_a_panel_per_task(tmp_path):
     pytest.importorskip("matplotlib")
-    row = dict(task="vt", length=8192, mode="agent", samples=1, accuracy=0.5, tokens_read=8000, doc_tokens=8000,
-               seconds=1.0, tokens_per_s=8000.0, errors=0)
-    runs = [("a", dict(results=[row, dict(row, length=32768, doc_tokens=32000)])), ("b", dict(results=[row]))]
-    assert ev.plot(runs, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 0
+    import matplotlib.pyplot as plt
+    row = dict(task="vt", length=8192, mode="agent", samples=1, accuracy=0.5, ci_low=0.1, ci_high=0.9,
+               tokens_read=8000, doc_tokens=8000, seconds=1.0, tokens_per_s=8000.0, errors=0)
+    runs = [("a", dict(results=[row, dict(row, length=32768, doc_tokens=32000), dict(row, task="fwe")])),
+            ("b", dict(results=[dict(row, mode="direct")]))]
+    figures = []
+    real = plt.subplots
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(plt, "subplots", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
+    monkey.setattr(plt, "close", lambda fig: None)
+    try:
+        assert ev.plot(runs, str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 0
+    finally:
+        monkey.undo()
+    (fig, axes), = figures
+    assert [ax.get_title() for ax in axes[0]] == ["vt", "fwe"]
+    assert [line.get_label() for line in axes[0][0].get_lines()] == ["a (agent)", "b (direct)"]
+    assert axes[0][0].get_xscale() == "log" and axes[0][1].get_shared_y_axes().joined(axes[0][0], axes[0][1])
