@@ -12,16 +12,20 @@ less than one step of its word counts).
 
 meta holds task, length (target tokens; documents for hotpotqa), scorer (a SCORERS name) and, for
 the synthetic tasks, doc_tokens (the exact count) and needles: one record per needle sentence,
-{text, offset, tokens, relevant, depth}, in tokens of the generating tokenizer; depth (of the first
-relevant needle) is a fraction of the document.
+{text, offset, tokens, relevant, depth}, in tokens of the generating tokenizer; relevant: an ideal
+memory keeps it once read (two_hop: until the needle numbered `until` is read, when there is one);
+depth (of the first relevant needle) is a fraction of the document. check_length validates a
+(task, length) cell without building it.
 """
 
 import json
+import math
 import re
 import string
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain, cycle, islice
 from typing import Callable, Iterator, Union
 
@@ -80,6 +84,11 @@ NOUNS = ("anchor badger basket beacon bucket candle canyon cellar comet falcon f
          "harbor helmet island kettle ladder lantern meadow mirror orchard pebble pillow rocket "
          "saddle signal thistle tunnel valley wagon willow zipper").split()
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+# two_hop: short names and places, a token or two each for a 2K-word tokenizer
+PEOPLE = ("Ada Bo Cy Dee Eli Fay Gus Hal Ida Jo Kai Liv Max Ned Oz Pam Ray Sue Tom Uma Vic Wes "
+          "Yan Zoe").split()
+PLACES = "Lima Oslo Rome Kyiv Baku Doha Riga Bern Cairo Delhi Dakar Hanoi Paris Quito Sofia Tunis".split()
+RELATIONS = "mentor friend boss cousin tutor partner".split()
 SEP = " "
 
 
@@ -113,9 +122,9 @@ def _token_counter(tokenizer) -> Callable[[str], int]:
 # haystacks: zero-argument callables returning an endless, deterministic stream of pieces
 
 def _noise_haystack(rng: np.random.Generator) -> Callable[[], Iterator[str]]:
-    # the cycle starts at a seeded sentence: with a fixed start, short training documents would
-    # meet the cycle at the same few offsets against the chunk boundaries, and a small model
-    # learns those chunks instead of the rule "no needle here, keep the memory" (README)
+    # a seeded first sentence puts the 8-sentence cycle at every phase against the chunk
+    # boundaries, so short training documents do not repeat a few exact chunks that a small
+    # model could memorise in place of the rule "no needle here, keep the memory"
     start = int(rng.integers(len(NOISE)))
     spaced = [SEP + s for s in NOISE]
     return lambda: chain([NOISE[start]], islice(cycle(spaced), start + 1, None))
@@ -141,10 +150,21 @@ def _word_haystack(rng: np.random.Generator) -> Callable[[], Iterator[str]]:
 
 
 # -----------------------------------------------------------------------------
-# synthetic tasks
+# needle tasks: a draw (seed, index) -> the question, its needles and haystack, independent of
+# the length; _needle_sample then fits them to a token length
+
+def _too_short(task, target, minimum) -> ValueError:
+    return ValueError(f"{task}: length {target} is too short; its samples need at least {minimum} "
+                      f"tokens with this tokenizer")
+
+
+def _needle_minimum(count, needles, haystack) -> int:
+    # the needles and one filler piece: every needle sits after a filler piece
+    return sum(count(SEP + s) for s in needles) + count(next(haystack()))
+
 
 def _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles, relevant,
-                   question, answers, ordered=False) -> Sample:
+                   question, answers, ordered=False, scorer="string_match_all", until=None) -> Sample:
     """Place `needles` at seeded uniform depths in `haystack`, fitted to `length` tokens.
 
     Needles sit after filler piece k, k in 1..n, so the document opens with filler and every
@@ -153,6 +173,9 @@ def _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles,
     """
     target = parse_length(length)
     count = _token_counter(tokenizer)
+    minimum = _needle_minimum(count, needles, haystack)
+    if target < minimum:
+        raise _too_short(task, target, minimum)
     needle_tokens = [count(SEP + s) for s in needles]
     budget = target - sum(needle_tokens)
     cum = [0]  # cum[i] = tokens of the first i filler pieces
@@ -162,8 +185,6 @@ def _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles,
             break
         cum.append(cum[-1] + c)
     n = len(cum) - 1
-    if n == 0:
-        raise ValueError(f"{task}: length {target} is too short for its needles and filler")
     depths = rng.random(len(needles))
     if ordered:
         depths.sort()
@@ -176,6 +197,8 @@ def _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles,
         before += needle_tokens[j]
         records[j] = dict(text=needles[j], offset=offset, tokens=needle_tokens[j],
                           relevant=relevant[j], depth=offset / total)
+        if until is not None and until[j] is not None:
+            records[j]["until"] = until[j]
     placed = [(slots[j], SEP + needles[j]) for j in order]
 
     def pieces():
@@ -186,13 +209,13 @@ def _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles,
                 yield placed[s][1]
                 s += 1
 
-    meta = dict(task=task, length=target, scorer="string_match_all", doc_tokens=total,
+    meta = dict(task=task, length=target, scorer=scorer, doc_tokens=total,
                 depth=next(r["depth"] for r in records if r["relevant"]), needles=records,
                 seed=seed, index=index)
     return Sample(f"{task}-{target}-{seed}-{index}", question, pieces, answers, meta)
 
 
-def _niah(task, length, tokenizer, seed, index, keys=1, values=1, asked=1, words=False):
+def _niah(task, seed, index, keys=1, values=1, asked=1, words=False) -> dict:
     rng = _rng(task, seed, index)
     picks = rng.choice(len(ADJECTIVES) * len(NOUNS), size=keys, replace=False)
     names = [f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}" for i in picks]
@@ -206,74 +229,116 @@ def _niah(task, length, tokenizer, seed, index, keys=1, values=1, asked=1, words
     else:
         question = f"What is the magic number for {names[0]}?"
     haystack = _word_haystack(rng) if words else _noise_haystack(rng)
-    return _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles, relevant,
-                          question, vals[:asked * values])
+    return dict(rng=rng, haystack=haystack, needles=needles, relevant=relevant, question=question,
+                answers=vals[:asked * values])
 
 
-def niah_single(length, tokenizer, seed=0, index=0) -> Sample:
-    return _niah("niah_single", length, tokenizer, seed, index)
-
-
-def niah_single_words(length, tokenizer, seed=0, index=0) -> Sample:
-    return _niah("niah_single_words", length, tokenizer, seed, index, words=True)
-
-
-def niah_multikey(length, tokenizer, seed=0, index=0) -> Sample:
-    return _niah("niah_multikey", length, tokenizer, seed, index, keys=4)
-
-
-def niah_multivalue(length, tokenizer, seed=0, index=0) -> Sample:
-    return _niah("niah_multivalue", length, tokenizer, seed, index, values=4)
-
-
-def niah_multiquery(length, tokenizer, seed=0, index=0) -> Sample:
-    return _niah("niah_multiquery", length, tokenizer, seed, index, keys=4, asked=4)
-
-
-def vt(length, tokenizer, seed=0, index=0) -> Sample:
+def _vt(seed, index) -> dict:
     rng = _rng("vt", seed, index)
     value = _numbers(rng, 1, 5)[0]
     names = ["".join(chr(65 + int(p) // 26 ** j % 26) for j in range(5))
              for p in rng.choice(26 ** 5, size=5, replace=False)]
     needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
-    question = f"Which variables end up holding the value {value}?"
-    return _needle_sample("vt", length, tokenizer, seed, index, rng, _noise_haystack(rng), needles,
-                          [True] * 5, question, names, ordered=True)
+    return dict(rng=rng, haystack=_noise_haystack(rng), needles=needles, relevant=[True] * 5,
+                question=f"Which variables end up holding the value {value}?", answers=names, ordered=True)
 
 
-def passkey(length, tokenizer, seed=0, index=0) -> Sample:
+def _passkey(seed, index) -> dict:
     rng = _rng("passkey", seed, index)
     key = _numbers(rng, 1, 5)[0]
-    return _needle_sample("passkey", length, tokenizer, seed, index, rng, _noise_haystack(rng),
-                          [f"The pass key is {key}."], [True], "What is the pass key?", [key])
+    return dict(rng=rng, haystack=_noise_haystack(rng), needles=[f"The pass key is {key}."],
+                relevant=[True], question="What is the pass key?", answers=[key])
+
+
+# two_hop's facts as (person, relation, relative) indices into the drawn people and relations:
+# the asked link first, then links whose relatives also get a workplace (same person or same
+# relation as the asked one: following the wrong link gives a wrong place), then links leading nowhere
+_LINKS = [(0, 0, 1), (0, 1, 2), (3, 0, 4), (5, 2, 6), (0, 2, 7), (8, 0, 9), (10, 1, 11)]
+_WORKERS = [1, 2, 4, 6]  # people with a workplace fact, the bridge first
+
+
+def _two_hop(seed, index) -> dict:
+    """HotpotQA-like bridge question: "The mentor of Ada is Bo." and "Bo works in Lima." answer
+    "Where does the mentor of Ada work?". All names and places differ, so the asked chain has one
+    answer and no distractor fact names it. The relevant needles are those an ideal memory ever
+    keeps: the asked link, the bridge's workplace, and every other workplace fact while the asked
+    link is unread (until then any name may be the bridge)."""
+    rng = _rng("two_hop", seed, index)
+    people = [PEOPLE[i] for i in rng.choice(len(PEOPLE), size=12, replace=False)]
+    places = [PLACES[i] for i in rng.choice(len(PLACES), size=len(_WORKERS), replace=False)]
+    rels = [RELATIONS[i] for i in rng.choice(len(RELATIONS), size=3, replace=False)]
+    needles = ([f"The {rels[r]} of {people[p]} is {people[o]}." for p, r, o in _LINKS]
+               + [f"{people[w]} works in {place}." for w, place in zip(_WORKERS, places)])
+    relevant = [True] + [False] * (len(_LINKS) - 1) + [True] * len(_WORKERS)
+    until = [None] * (len(_LINKS) + 1) + [0] * (len(_WORKERS) - 1)  # dropped once link 0 is read
+    return dict(rng=rng, haystack=_noise_haystack(rng), needles=needles, relevant=relevant,
+                question=f"Where does the {rels[0]} of {people[0]} work?", answers=places[:1],
+                scorer="exact_match", until=until)
+
+
+_DRAWS = dict(niah_single=partial(_niah, "niah_single"),
+              niah_single_words=partial(_niah, "niah_single_words", words=True),
+              niah_multikey=partial(_niah, "niah_multikey", keys=4),
+              niah_multivalue=partial(_niah, "niah_multivalue", values=4),
+              niah_multiquery=partial(_niah, "niah_multiquery", keys=4, asked=4),
+              vt=_vt, passkey=_passkey, two_hop=_two_hop)
+
+
+def needle_task(task, length, tokenizer, seed=0, index=0) -> Sample:
+    """Sample `index` of needle task `task` (any TASKS name but fwe), fitted to `length` tokens."""
+    return _needle_sample(task, length, tokenizer, seed, index, **_DRAWS[task](seed, index))
+
+
+# -----------------------------------------------------------------------------
+# fwe: word k of the vocabulary appears about N / k**2 times (Zipf, alpha 2); rank 1 is "..."
+# (noise), ranks 2-4 are the answer
+
+_ZIPF = np.arange(1, 2001, dtype=np.float64) ** -2.0
+_ZIPF /= _ZIPF.sum()
+
+
+def _zipf_counts(n: int) -> np.ndarray:
+    return np.floor(n * _ZIPF).astype(np.int64)
+
+
+def _fwe_words(tokenizer, seed, index):
+    rng = _rng("fwe", seed, index)
+    codes = rng.choice(len(SYLLABLES) ** 3, size=len(_ZIPF) - 1, replace=False)
+    words = ["..."] + [_spell(int(c), 3) for c in codes]
+    sep_tokens = np.array([len(tokenizer.encode(SEP + w)) for w in words])
+    raw_tokens = np.array([len(tokenizer.encode(w)) for w in words])
+    # the first word goes without its separator: leave room for the worst case
+    slack = max(0, int((raw_tokens - sep_tokens).max()))
+    return rng, words, sep_tokens, raw_tokens, slack
+
+
+def _fwe_minimum(sep_tokens, slack) -> int:
+    # from n = 1 / (p4 - p5) words on, rank 4 always outnumbers rank 5; go down while it still does
+    n = math.ceil(1 / (_ZIPF[3] - _ZIPF[4]))
+    while n > 1 and _zipf_counts(n - 1)[3] > _zipf_counts(n - 1)[4]:
+        n -= 1
+    return int(_zipf_counts(n) @ sep_tokens) + slack
 
 
 def fwe(length, tokenizer, seed=0, index=0) -> Sample:
-    """Frequent words: word k of the vocabulary appears about N / k**2 times (Zipf, alpha 2);
-    rank 1 is "..." (noise), ranks 2-4 are the answer."""
+    """A length below the minimum is refused even where rounding happens to separate ranks 4 and
+    5 there: every length from the minimum up works, none below it."""
     target = parse_length(length)
-    rng = _rng("fwe", seed, index)
-    vocab = 2000
-    codes = rng.choice(len(SYLLABLES) ** 3, size=vocab - 1, replace=False)
-    words = ["..."] + [_spell(int(c), 3) for c in codes]
-    spaced = [SEP + w for w in words]
-    sep_tokens = np.array([len(tokenizer.encode(w)) for w in spaced])
-    raw_tokens = np.array([len(tokenizer.encode(w)) for w in words])
-    p = np.arange(1, vocab + 1, dtype=np.float64) ** -2.0
-    p /= p.sum()
-    # the first word goes without its separator: leave room for the worst case
-    budget = target - max(0, int((raw_tokens - sep_tokens).max()))
-    lo, hi = 0, 2 * (target + vocab)  # tokens(hi) > budget, as every word costs >= 1 token
+    rng, words, sep_tokens, raw_tokens, slack = _fwe_words(tokenizer, seed, index)
+    minimum = _fwe_minimum(sep_tokens, slack)
+    if target < minimum:
+        raise _too_short("fwe", target, minimum)
+    budget = target - slack
+    lo, hi = 0, 2 * (target + len(words))  # tokens(hi) > budget, as every word costs >= 1 token
     while hi - lo > 1:  # largest word count N whose words fit the budget
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if np.floor(mid * p).astype(np.int64) @ sep_tokens <= budget else (lo, mid)
-    counts = np.floor(lo * p).astype(np.int64)
-    if counts[3] <= counts[4]:
-        raise ValueError(f"fwe: length {target} is too short for three clear most frequent words")
+        lo, hi = (mid, hi) if _zipf_counts(mid) @ sep_tokens <= budget else (lo, mid)
+    counts = _zipf_counts(lo)
+    spaced = [SEP + w for w in words]
     perm_seed = int(rng.integers(2 ** 63))
 
     def order():
-        return np.random.default_rng(perm_seed).permutation(np.repeat(np.arange(vocab), counts))
+        return np.random.default_rng(perm_seed).permutation(np.repeat(np.arange(len(words)), counts))
 
     def pieces():
         seq = order()
@@ -289,36 +354,91 @@ def fwe(length, tokenizer, seed=0, index=0) -> Sample:
     return Sample(f"fwe-{target}-{seed}-{index}", question, pieces, words[1:4], meta)
 
 
-TASKS = dict(niah_single=niah_single, niah_single_words=niah_single_words,
-             niah_multikey=niah_multikey, niah_multivalue=niah_multivalue,
-             niah_multiquery=niah_multiquery, vt=vt, fwe=fwe, passkey=passkey)
+TASKS = {**{name: partial(needle_task, name) for name in _DRAWS}, "fwe": fwe}
+
+
+def _check_positive(name, n):
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+
+
+def check_length(task: str, length, tokenizer, num: int = 1, seed: int = 0) -> int:
+    """`length` in tokens if samples 0..num-1 of `task` fit in it, else a ValueError naming the
+    task, the length and the minimum. Cheap: draws the needles, builds no document."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    _check_positive("num", num)
+    target = parse_length(length)
+    minimum, count = 0, _token_counter(tokenizer)
+    for i in range(num):
+        if task == "fwe":
+            _, _, sep_tokens, _, slack = _fwe_words(tokenizer, seed, i)
+            minimum = max(minimum, _fwe_minimum(sep_tokens, slack))
+        else:
+            draw = _DRAWS[task](seed, i)
+            minimum = max(minimum, _needle_minimum(count, draw["needles"], draw["haystack"]))
+    if target < minimum:
+        raise _too_short(task, target, minimum)
+    return target
 
 
 def make_samples(task: str, length, tokenizer, num: int, seed: int = 0) -> list[Sample]:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    check_length(task, length, tokenizer, num, seed)
     return [TASKS[task](length, tokenizer, seed, i) for i in range(num)]
 
 
 def ideal_memory_trace(sample: Sample, chunk_tokens: int) -> list[list[str]]:
-    """For each chunk of `chunk_tokens` tokens, the relevant needles read by the end of it.
+    """For each chunk of `chunk_tokens` tokens, the needles an ideal memory holds after it, in
+    document order: the relevant needles read so far, less those whose `until` needle is read.
 
     A needle counts once its last token has been read. Offsets are in the tokens of the
     tokenizer the sample was generated with, and only synthetic needle tasks record needles.
+    two_hop: a workplace fact may be dropped only once the asked link shows its subject is not
+    the bridge; dropping one earlier because its subject is someone else's relative would assume
+    nobody has two relatives, which a mentor or a friend can have.
     """
-    ends = [(r["offset"] + r["tokens"], r["text"]) for r in sample.meta["needles"] if r["relevant"]]
-    ends.sort()
-    num_chunks = -(-sample.meta["doc_tokens"] // chunk_tokens)
-    return [[text for end, text in ends if end <= (c + 1) * chunk_tokens] for c in range(num_chunks)]
+    needles = sample.meta["needles"]
+    ends = [r["offset"] + r["tokens"] for r in needles]
+    kept = sorted((e, j) for j, (e, r) in enumerate(zip(ends, needles)) if r["relevant"])
+    trace = []
+    for c in range(-(-sample.meta["doc_tokens"] // chunk_tokens)):
+        read = (c + 1) * chunk_tokens
+        trace.append([needles[j]["text"] for e, j in kept
+                      if e <= read and not ("until" in needles[j] and ends[needles[j]["until"]] <= read)])
+    return trace
 
 
 # -----------------------------------------------------------------------------
-# HotpotQA (the paper's RULER-HotpotQA construction) and JSONL files
+# HotpotQA (the MemAgent release's RULER-HotpotQA construction) and JSONL files
+
+def _read_hotpot(path) -> list:
+    # the official file is one JSON list; a filtered copy may hold one item per line
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a HotpotQA file ({e})") from e
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON ({e})") from e
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg})") from e
+    return items
+
 
 def _check_hotpot_item(path, i, item):
+    if not isinstance(item, dict):
+        raise ValueError(f"{path}: item {i} should be a JSON object")
     for key, kind in (("_id", str), ("question", str), ("answer", str),
                       ("supporting_facts", list), ("context", list)):
-        if not isinstance(item, dict) or key not in item:
+        if key not in item:
             raise ValueError(f"{path}: item {i} has no {key!r}")
         if not isinstance(item[key], kind):
             raise ValueError(f"{path}: item {i} key {key!r} should be a {kind.__name__}")
@@ -326,24 +446,32 @@ def _check_hotpot_item(path, i, item):
         if not (isinstance(para, list) and len(para) == 2 and isinstance(para[0], str)
                 and isinstance(para[1], list) and all(isinstance(s, str) for s in para[1])):
             raise ValueError(f"{path}: item {i} key 'context' should hold [title, [sentences]] pairs")
+    titles = {title for title, _ in item["context"]}
     for fact in item["supporting_facts"]:
         if not (isinstance(fact, list) and len(fact) == 2 and isinstance(fact[0], str)
-                and isinstance(fact[1], int)):
+                and isinstance(fact[1], int) and not isinstance(fact[1], bool)):
             raise ValueError(f"{path}: item {i} key 'supporting_facts' should hold [title, index] pairs")
+        if fact[0] not in titles:
+            raise ValueError(f"{path}: item {i} supporting title {fact[0]!r} is not in its context")
 
 
-def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0) -> list[Sample]:
-    """Each question's own supporting paragraphs plus seeded distractor paragraphs from the whole
-    file (distinct titles, never a gold one) to `num_docs` documents, shuffled, formatted
-    "Document i:\\n{title}\\n{text}" and joined by blank lines. A question's distractors at a
-    larger num_docs include those at a smaller one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            items = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read a HotpotQA JSON file ({e})") from e
-    if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of HotpotQA items")
+def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0,
+                  context: str = "release") -> list[Sample]:
+    """HotpotQA questions over `num_docs` documents each, from the dev-distractor layout (a JSON
+    list, or JSONL: one item per line). context="release" (the MemAgent release) starts from all
+    of the question's own paragraphs (2 gold, 8 distractors retrieved for it); "supporting" from
+    its gold paragraphs only. Seeded paragraphs of the file with other titles (all other questions'
+    for "release") fill up to num_docs, the placement is shuffled, each formatted "Document i:\\n{title}\\n{text}" (i from
+    1), joined by blank lines. The fill at a larger num_docs includes the fill at a smaller one.
+    num_docs below a question's own paragraph count is an error, not a truncation."""
+    if context not in ("release", "supporting"):
+        raise ValueError(f"context must be 'release' or 'supporting', got {context!r}")
+    _check_positive("num_docs", num_docs)
+    if num_samples is not None:
+        _check_positive("num_samples", num_samples)
+    items = _read_hotpot(path)
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: expected a non-empty list of HotpotQA items")
     titles, texts, seen = [], [], set()
     for i, item in enumerate(items):
         _check_hotpot_item(path, i, item)
@@ -355,38 +483,36 @@ def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0) -> list[
     picks = range(len(items))
     if num_samples is not None and num_samples < len(items):
         picks = sorted(np.random.default_rng(seed).choice(len(items), num_samples, replace=False).tolist())
-    return [_hotpot_sample(path, i, items[i], titles, texts, num_docs, seed) for i in picks]
+    return [_hotpot_sample(path, i, items[i], titles, texts, num_docs, seed, context) for i in picks]
 
 
-def _hotpot_sample(path, i, item, titles, texts, num_docs, seed) -> Sample:
-    context = dict((title, sentences) for title, sentences in item["context"])
+def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context) -> Sample:
+    paragraphs = {}
+    for title, sentences in item["context"]:
+        paragraphs.setdefault(title, sentences)
     gold_titles = list(dict.fromkeys(title for title, _ in item["supporting_facts"]))
-    missing = [t for t in gold_titles if t not in context]
-    if missing:
-        raise ValueError(f"{path}: item {i} supporting title {missing[0]!r} is not in its context")
-    gold = [(t, "".join(context[t])) for t in gold_titles]
-    need = num_docs - len(gold)
+    own = [(t, "".join(paragraphs[t])) for t in (gold_titles if context == "supporting" else paragraphs)]
+    need = num_docs - len(own)
     if need < 0:
-        raise ValueError(f"{path}: item {i} has {len(gold)} gold paragraphs, more than num_docs={num_docs}")
-    if len(titles) - len(gold) < need:
-        raise ValueError(f"{path}: {len(titles)} distinct paragraphs, too few for "
-                         f"num_docs={num_docs} ({need} distractors needed besides {len(gold)} gold)")
-    gold_set = set(gold_titles)
+        raise ValueError(f"{path}: item {i} has {len(own)} paragraphs of its own ({context} context), "
+                         f"more than num_docs={num_docs}")
+    if len(titles) - len(own) < need:
+        raise ValueError(f"{path}: {len(titles)} distinct paragraphs, too few for num_docs={num_docs} "
+                         f"({need} from other questions needed besides {len(own)} of item {i})")
+    own_titles = {t for t, _ in own}
 
     def pieces():
         # drawn when read, not when loaded: building 90K training questions stays instant
         rng = np.random.default_rng([seed, i])
-        first = rng.permutation(len(titles))[:need + len(gold)].tolist()  # holds `need` non-gold titles
-        distractors = [j for j in first if titles[j] not in gold_set][:need]
-        order = rng.permutation(num_docs).tolist()
-        for n, k in enumerate(order):
-            title, text = gold[k] if k < len(gold) else (titles[distractors[k - len(gold)]],
-                                                          texts[distractors[k - len(gold)]])
+        first = rng.permutation(len(titles))[:need + len(own)].tolist()  # holds `need` others at least
+        fill = [j for j in first if titles[j] not in own_titles][:need]
+        for n, k in enumerate(rng.permutation(num_docs).tolist()):
+            title, text = own[k] if k < len(own) else (titles[fill[k - len(own)]], texts[fill[k - len(own)]])
             yield ("\n\n" if n else "") + f"Document {n + 1}:\n{title}\n{text}"
 
     # the supporting sentences are what an ideal memory keeps; indices past the end are skipped
-    supporting = [context[t][s].strip() for t, s in item["supporting_facts"] if 0 <= s < len(context[t])]
-    meta = dict(task="hotpotqa", length=num_docs, num_docs=num_docs, scorer="sub_em",
+    supporting = [paragraphs[t][s].strip() for t, s in item["supporting_facts"] if 0 <= s < len(paragraphs[t])]
+    meta = dict(task="hotpotqa", length=num_docs, num_docs=num_docs, scorer="sub_em", context=context,
                 gold_titles=gold_titles, supporting=supporting, seed=seed, index=i)
     return Sample(item["_id"], item["question"], pieces, [item["answer"]], meta)
 

@@ -1,9 +1,11 @@
 """Tests for tasks.py: length fitting, needles and their token offsets, determinism, speed of a
-1M-token document, the HotpotQA builder, the JSONL loader and the scorers."""
+1M-token document, the two_hop task and its ideal memory, length checks, the HotpotQA builder,
+the JSONL loader and the scorers."""
 
 import io
 import json
 import math
+import re
 import time
 from collections import Counter
 
@@ -78,7 +80,7 @@ def test_fit_is_exact_and_below_target(task, tok):
             assert sum(counts) >= 0.98 * target
         assert not pieces[0][0].isspace() and all(p[0].isspace() for p in pieces[1:])
         assert sample.meta["task"] == task and sample.meta["length"] == target
-        assert sample.meta["scorer"] == "string_match_all"
+        assert sample.meta["scorer"] == ("exact_match" if task == "two_hop" else "string_match_all")
 
 
 @pytest.mark.parametrize("task", [t for t in tasks.TASKS if t != "fwe"])
@@ -96,21 +98,21 @@ def test_needles_offsets_and_answers(task):
         assert any(a in r["text"] for r in relevant)
         assert not any(a in r["text"] for r in sample.meta["needles"] if not r["relevant"])
     n_needles, n_relevant = {"niah_multikey": (4, 1), "niah_multivalue": (4, 4),
-                             "niah_multiquery": (4, 4), "vt": (5, 5)}.get(task, (1, 1))
+                             "niah_multiquery": (4, 4), "vt": (5, 5), "two_hop": (11, 5)}.get(task, (1, 1))
     assert (len(sample.meta["needles"]), len(relevant)) == (n_needles, n_relevant)
     assert "boxed" not in sample.question and sample.question.endswith("?")
 
 
 def test_task_details():
     tok = WordTokenizer()
-    s = tasks.niah_multiquery("2k", tok)
+    s = tasks.TASKS["niah_multiquery"]("2k", tok)
     assert all(r["text"].split()[6] in s.question for r in s.meta["needles"])
-    s = tasks.niah_multivalue("2k", tok)
+    s = tasks.TASKS["niah_multivalue"]("2k", tok)
     assert len({r["text"].split()[6] for r in s.meta["needles"]}) == 1 and len(set(s.answers)) == 4
-    s = tasks.niah_multikey("2k", tok)
+    s = tasks.TASKS["niah_multikey"]("2k", tok)
     keys = [r["text"].split()[6] for r in s.meta["needles"]]
     assert len(set(keys)) == 4 and sum(k in s.question for k in keys) == 1
-    s = tasks.vt("8k", tok, seed=5)
+    s = tasks.TASKS["vt"]("8k", tok, seed=5)
     text = tasks.document_text(s)
     positions = [text.index(r["text"]) for r in s.meta["needles"]]
     assert positions == sorted(positions)  # the chain reads in order
@@ -121,8 +123,9 @@ def test_task_details():
     assert freq.most_common(1)[0][0] == "..."
     assert [w for w, _ in freq.most_common(4)[1:]] == s.answers
     assert freq[s.answers[2]] > freq.most_common(5)[4][1]
-    assert tasks.passkey("1k", tok).answers[0].isdigit() and len(tasks.passkey("1k", tok).answers[0]) == 5
-    assert all(len(a) == 7 for a in tasks.niah_single("1k", tok).answers)
+    key = tasks.TASKS["passkey"]("1k", tok).answers[0]
+    assert key.isdigit() and len(key) == 5
+    assert all(len(a) == 7 for a in tasks.TASKS["niah_single"]("1k", tok).answers)
 
 
 def test_deterministic():
@@ -134,7 +137,7 @@ def test_deterministic():
             assert list(x.document()) == list(y.document()) == list(x.document())  # re-iterable
         assert len({x.question + str(x.answers) for x in a}) == 3
         other = tasks.make_samples(task, "4k", tok, 1, seed=10)[0]
-        assert other.answers != a[0].answers
+        assert (other.question, other.answers) != (a[0].question, a[0].answers)
         # the same index asks the same question at every length
         longer = tasks.make_samples(task, "16k", tok, 1, seed=9)[0]
         assert (longer.question, longer.answers) == (a[0].question, a[0].answers)
@@ -142,7 +145,7 @@ def test_deterministic():
 
 def test_noise_cycle_starts_at_a_seeded_sentence():
     # short training documents must meet the filler cycle at every phase against the chunks
-    for task in ["niah_single", "vt", "passkey"]:
+    for task in ["niah_single", "vt", "passkey", "two_hop"]:
         firsts = {next(iter(s.document())) for s in tasks.make_samples(task, 512, WordTokenizer(), 32)}
         assert firsts <= set(tasks.NOISE) and len(firsts) >= 6
 
@@ -174,18 +177,124 @@ def test_ideal_memory_trace():
 
 
 def test_too_short_and_unknown():
-    with pytest.raises(ValueError, match="too short"):
-        tasks.niah_multiquery(40, WordTokenizer())
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match="niah_multiquery: length 40 is too short; .* at least 45 tokens"):
+        tasks.TASKS["niah_multiquery"](40, WordTokenizer())
+    with pytest.raises(ValueError, match="fwe: length 20 is too short"):
         tasks.fwe(20, WordTokenizer())
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         tasks.make_samples("nope", "8k", WordTokenizer(), 1)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        tasks.check_length("nope", "8k", WordTokenizer())
+    for num in [0, -3, True, 2.0]:
+        with pytest.raises(ValueError, match="num must be a positive integer"):
+            tasks.make_samples("vt", "8k", WordTokenizer(), num)
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+@pytest.mark.parametrize("tok", TOKENIZERS, ids=["words", "bytes"])
+def test_check_length_minimum_is_exact(task, tok):
+    # the minimum the error names is the smallest length at which the whole cell builds
+    with pytest.raises(ValueError, match=f"{task}: length 10 is too short") as e:
+        tasks.make_samples(task, 10, tok, 3, seed=2)
+    minimum = int(str(e.value).split("at least ")[1].split()[0])
+    assert tasks.check_length(task, minimum, tok, 3, seed=2) == minimum
+    assert len(tasks.make_samples(task, minimum, tok, 3, seed=2)) == 3
+    with pytest.raises(ValueError, match=f"{task}: length {minimum - 1} is too short; .* at least {minimum} "):
+        tasks.check_length(task, minimum - 1, tok, 3, seed=2)
+    # one of the three samples is what needs the minimum: it fails alone one token below
+    fails = 0
+    for i in range(3):
+        try:
+            tasks.TASKS[task](minimum - 1, tok, seed=2, index=i)
+        except ValueError:
+            fails += 1
+    assert fails >= 1
+
+
+def test_check_length_builds_no_document(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a document was built")
+    monkeypatch.setattr(tasks, "_needle_sample", refuse)
+    t0 = time.perf_counter()
+    assert tasks.check_length("niah_single", "3.5m", WordTokenizer(), num=64) == int(3.5 * 2 ** 20)
+    assert tasks.check_length("two_hop", "1k", ByteTokenizer(), num=64) == 1024
+    assert time.perf_counter() - t0 < 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# two_hop
+
+def chain_answer(text, question):
+    """Follow the question's two hops through the document: None unless each hop has one fact."""
+    rel, person = re.fullmatch(r"Where does the (\w+) of (\w+) work\?", question).groups()
+    links = re.findall(rf"The {rel} of {person} is (\w+)\.", text)
+    places = re.findall(rf"\b{links[0]} works in (\w+)\.", text) if len(links) == 1 else []
+    return places[0] if len(places) == 1 else None
+
+
+def test_two_hop_questions():
+    tok, chunk = WordTokenizer(), 128
+    orders, split = Counter(), 0
+    for seed in range(40):
+        s = tasks.TASKS["two_hop"](512, tok, seed=seed, index=seed % 3)
+        text = tasks.document_text(s)
+        needles = s.meta["needles"]
+        link, home = needles[0], needles[len(tasks._LINKS)]
+        place = s.answers[0]
+        assert s.answers == [chain_answer(text, s.question)] and len(s.answers) == 1
+        assert place in tasks.PLACES and text.count(place) == 1 and home["text"].endswith(f"in {place}.")
+        # hard distractors: the asked person's other relatives and the asked relation's other
+        # people work elsewhere, and all of that is in the document
+        rel, person = s.question.split()[3], s.question.split()[5]
+        assert any(f"of {person} is" in n["text"] and rel not in n["text"] for n in needles)
+        assert any(f"The {rel} of" in n["text"] and person not in n["text"] for n in needles)
+        places = [n["text"].split()[-1].rstrip(".") for n in needles if " works in " in n["text"]]
+        assert len(places) == 4 == len(set(places))
+        for n in needles:
+            assert " " + n["text"] in text
+            text = text.replace(" " + n["text"], "")
+        # the filler names no person and no place
+        assert not (set(tasks.PEOPLE) | set(tasks.PLACES)) & set(text.replace(".", "").split())
+        orders[link["offset"] < home["offset"]] += 1
+        split += link["offset"] // chunk != home["offset"] // chunk
+        assert tasks.score(s, place) == 1.0 and tasks.score(s, places[1]) == 0.0
+    assert orders[True] >= 8 and orders[False] >= 8  # the two facts come in either order
+    assert split >= 20  # and usually in different chunks
+
+
+def test_two_hop_ideal_memory_trace():
+    tok, chunk = WordTokenizer(), 128
+    workplace_counts = Counter()
+    for seed in range(30):
+        s = tasks.TASKS["two_hop"](1024, tok, seed=seed)
+        needles = s.meta["needles"]
+        link, home = needles[0]["text"], needles[len(tasks._LINKS)]["text"]
+        link_end = needles[0]["offset"] + needles[0]["tokens"]
+        trace = tasks.ideal_memory_trace(s, chunk)
+        assert len(trace) == math.ceil(s.meta["doc_tokens"] / chunk)
+        for c, memory in enumerate(trace):
+            read = [n for n in needles if n["offset"] + n["tokens"] <= (c + 1) * chunk]
+            read.sort(key=lambda n: n["offset"])
+            workplaces = [n["text"] for n in read if " works in " in n["text"]]
+            if link_end <= (c + 1) * chunk:  # the bridge is known: its link and its workplace
+                assert memory == [n["text"] for n in read if n["text"] in (link, home)]
+            else:  # any workplace may be the bridge's: keep them all, no link fact
+                assert memory == workplaces
+                workplace_counts[len(workplaces)] += 1
+            assert len(memory) <= 4
+        assert sorted(trace[-1]) == sorted([link, home])
+        assert chain_answer(" ".join(trace[-1]), s.question) == s.answers[0]
+        # one chunk holding the whole document: the two facts in document order
+        whole = tasks.ideal_memory_trace(s, s.meta["doc_tokens"])
+        pair = sorted((n for n in needles if n["text"] in (link, home)), key=lambda n: n["offset"])
+        assert whole == [[n["text"] for n in pair]]
+    assert max(workplace_counts) >= 3  # distractor workplaces are held before the link shows up
 
 
 def test_million_token_document_is_fast():
     tok = WordTokenizer()
     t0 = time.perf_counter()
-    s = tasks.niah_single("1m", tok)
+    s = tasks.TASKS["niah_single"]("1m", tok)
     count = tasks._token_counter(tok)
     total = sum(count(p) for p in s.document())
     assert total == s.meta["doc_tokens"] and 0.98 * 2 ** 20 <= total <= 2 ** 20
@@ -205,14 +314,17 @@ def test_sentencepiece_fit_and_offsets(spm):
 # ---------------------------------------------------------------------------------------------
 # HotpotQA
 
-def hotpot_items(n=30):
+def hotpot_items(n=12):
+    """The dev-distractor layout: per question 2 gold and 8 hard distractor paragraphs; one
+    distractor ("Shared") is every question's, as popular Wikipedia paragraphs are in the file."""
     items = []
     for i in range(n):
-        context = [[f"T{i}-{k}", [f"Fact {k} of {i}.", f" More about {i}-{k}."]] for k in range(4)]
-        items.append({"_id": f"q{i}", "question": f"Question {i}?", "answer": f"A{i}",
-                      "supporting_facts": [[f"T{i}-0", 0], [f"T{i}-2", 1], [f"T{i}-0", 9]],
-                      "context": context})
-    items[1]["context"].append(["T0-1", ["A duplicate title."]])  # dedup keeps the first
+        gold = [[f"Gold {i}-{k}", [f"Gold fact {k} of {i}.", f" More gold {i}-{k}."]] for k in range(2)]
+        hard = [[f"Hard {i}-{k}", [f"Hard fact {k} of {i}."]] for k in range(7)] + [["Shared", ["Seen by all."]]]
+        context = hard[:3] + gold[:1] + hard[3:] + gold[1:]
+        items.append({"_id": f"q{i}", "answer": f"A{i}", "question": f"Question {i}?",
+                      "supporting_facts": [[f"Gold {i}-0", 0], [f"Gold {i}-1", 1], [f"Gold {i}-0", 9]],
+                      "context": context, "type": "bridge", "level": "hard"})
     return items
 
 
@@ -221,65 +333,134 @@ def write(path, obj):
     return path
 
 
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
 def parse_docs(text):
-    docs = text.split("\n\n")
     out = []
-    for i, doc in enumerate(docs, 1):
+    for i, doc in enumerate(text.split("\n\n"), 1):
         head, title, body = doc.split("\n")
         assert head == f"Document {i}:"
         out.append((title, body))
     return out
 
 
-def test_hotpotqa_builder(tmp_path):
-    path = write(tmp_path / "hp.json", hotpot_items())
-    samples = tasks.load_hotpotqa(path, num_docs=50, seed=1)
-    assert len(samples) == 30
-    for s in samples:
-        docs = parse_docs(tasks.document_text(s))
+def test_hotpotqa_release_contexts(tmp_path):
+    items = hotpot_items()
+    path = write(tmp_path / "hp.json", items)
+    samples = tasks.load_hotpotqa(path, num_docs=30, seed=1)
+    assert [s.id for s in samples] == [f"q{i}" for i in range(12)]
+    own_places = set()
+    for s, item in zip(samples, items):
+        pieces = list(tasks.document_pieces(s))
+        docs = parse_docs("".join(pieces))
+        own = {title: "".join(sentences) for title, sentences in item["context"]}
+        others = {t for other in items if other is not item for t, _ in other["context"]} - set(own)
         titles = [t for t, _ in docs]
-        assert len(docs) == 50 and len(set(titles)) == 50
-        i = s.id[1:]
-        assert {f"T{i}-0", f"T{i}-2"} <= set(titles)
-        assert dict(docs)[f"T{i}-0"] == f"Fact 0 of {i}. More about {i}-0."
-        assert s.answers == [f"A{i}"] and s.meta["scorer"] == "sub_em"
-        assert s.meta["supporting"] == [f"Fact 0 of {i}.", f"More about {i}-2."]
-    # a repeated title keeps its first paragraph
-    bodies = {body for s in samples for t, body in parse_docs(tasks.document_text(s)) if t == "T0-1"}
-    assert bodies == {"Fact 1 of 0. More about 0-1."}
-    # seeded, nested across sizes, and a subset keeps each question's sample unchanged
-    again = tasks.load_hotpotqa(path, num_docs=50, seed=1)
-    assert [tasks.document_text(s) for s in again] == [tasks.document_text(s) for s in samples]
-    small = tasks.load_hotpotqa(path, num_docs=20, seed=1)
-    for a, b in zip(small, samples):
-        assert {t for t, _ in parse_docs(tasks.document_text(a))} <= {t for t, _ in parse_docs(tasks.document_text(b))}
-    subset = tasks.load_hotpotqa(path, num_docs=50, num_samples=5, seed=1)
+        assert len(docs) == len(pieces) == 30 and len(set(titles)) == 30
+        assert set(own) <= set(titles) and set(titles) - set(own) <= others  # all its own, fill from others
+        for title, body in docs:
+            assert body == own.get(title, body) and title.split()[0] in ("Gold", "Hard", "Shared")
+        # exactly the release's format: "Document i:\n{title}\n{text}", joined by blank lines
+        text = "\n\n".join(f"Document {k}:\n{t}\n{b}" for k, (t, b) in enumerate(docs, 1))
+        assert "".join(pieces) == text and pieces[1].startswith("\n\nDocument 2:\n")
+        assert s.answers == [item["answer"]] and s.question == item["question"]
+        assert s.meta["scorer"] == "sub_em" and s.meta["context"] == "release"
+        assert s.meta["gold_titles"] == [f"Gold {s.id[1:]}-0", f"Gold {s.id[1:]}-1"]
+        assert s.meta["supporting"] == [f"Gold fact 0 of {s.id[1:]}.", f"More gold {s.id[1:]}-1."]
+        own_places |= {k for k, t in enumerate(titles) if t in own}
+    assert len(own_places) > 20  # own paragraphs are placed anywhere among the 30, not first
+
+
+def test_hotpotqa_seeds_sizes_and_subsets(tmp_path):
+    path = write(tmp_path / "hp.json", hotpot_items())
+    text = lambda samples: [tasks.document_text(s) for s in samples]  # noqa: E731
+    titles = lambda s: {t for t, _ in parse_docs(tasks.document_text(s))}  # noqa: E731
+    samples = tasks.load_hotpotqa(path, num_docs=30, seed=1)
+    assert text(tasks.load_hotpotqa(path, num_docs=30, seed=1)) == text(samples)
+    assert text(samples) == [tasks.document_text(s) for s in samples]  # re-iterable
+    other = tasks.load_hotpotqa(path, num_docs=30, seed=2)
+    assert all(a != b for a, b in zip(text(samples), text(other)))
+    assert any(titles(a) != titles(b) for a, b in zip(samples, other))  # a different fill, not only order
+    # the fill at 15 documents is part of the fill at 30
+    for a, b in zip(tasks.load_hotpotqa(path, num_docs=15, seed=1), samples):
+        assert len(titles(a)) == 15 and titles(a) <= titles(b)
+    subset = tasks.load_hotpotqa(path, num_docs=30, num_samples=5, seed=1)
     assert len(subset) == 5 and len({s.id for s in subset}) == 5
     for s in subset:
         assert tasks.document_text(s) == tasks.document_text(samples[int(s.id[1:])])
 
 
+def test_hotpotqa_json_and_jsonl_agree(tmp_path):
+    items = hotpot_items()
+    from_json = tasks.load_hotpotqa(write(tmp_path / "hp.json", items), num_docs=25, seed=3)
+    path = write_jsonl(tmp_path / "hp.jsonl", items)
+    path.write_text(path.read_text().replace("\n", "\n\n", 1))  # a blank line is skipped
+    from_jsonl = tasks.load_hotpotqa(path, num_docs=25, seed=3)
+    for a, b in zip(from_json, from_jsonl, strict=True):
+        assert (a.id, a.question, a.answers, a.meta) == (b.id, b.question, b.answers, b.meta)
+        assert tasks.document_text(a) == tasks.document_text(b)
+
+
+def test_hotpotqa_supporting_context(tmp_path):
+    items = hotpot_items()
+    samples = tasks.load_hotpotqa(write(tmp_path / "hp.json", items), num_docs=5, seed=0,
+                                  context="supporting")
+    for s in samples:
+        docs = dict(parse_docs(tasks.document_text(s)))
+        assert len(docs) == 5 and set(s.meta["gold_titles"]) <= set(docs)
+        assert docs[f"Gold {s.id[1:]}-1"] == f"Gold fact 1 of {s.id[1:]}. More gold {s.id[1:]}-1."
+
+
 def test_hotpotqa_errors(tmp_path):
-    path = write(tmp_path / "hp.json", hotpot_items(10))
-    with pytest.raises(ValueError, match="too few for num_docs=200"):
-        tasks.load_hotpotqa(path, num_docs=200)
+    path = write(tmp_path / "hp.json", hotpot_items(3))
+    with pytest.raises(ValueError, match="item 0 has 10 paragraphs of its own .release context., more than num_docs=9"):
+        tasks.load_hotpotqa(path, num_docs=9)
+    with pytest.raises(ValueError, match="hp.json: 28 distinct paragraphs, too few for num_docs=40"):
+        tasks.load_hotpotqa(path, num_docs=40)
+    for bad in [0, -5, "200", 2.5, True]:
+        with pytest.raises(ValueError, match="num_docs must be a positive integer"):
+            tasks.load_hotpotqa(path, num_docs=bad)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        tasks.load_hotpotqa(path, num_docs=20, num_samples=0)
+    with pytest.raises(ValueError, match="context must be 'release' or 'supporting', got 'gold'"):
+        tasks.load_hotpotqa(path, num_docs=20, context="gold")
     with pytest.raises(ValueError, match="missing.json"):
         tasks.load_hotpotqa(tmp_path / "missing.json", num_docs=50)
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
+    (tmp_path / "bad.json").write_text("[{not json")
+    with pytest.raises(ValueError, match="bad.json: malformed JSON"):
         tasks.load_hotpotqa(tmp_path / "bad.json", num_docs=50)
-    items = hotpot_items(10)
-    del items[3]["supporting_facts"]
-    with pytest.raises(ValueError, match=r"item 3 has no 'supporting_facts'"):
-        tasks.load_hotpotqa(write(tmp_path / "k.json", items), num_docs=20)
-    items = hotpot_items(10)
-    items[4]["context"][0] = ["T", "not a list"]
-    with pytest.raises(ValueError, match=r"item 4 key 'context'"):
-        tasks.load_hotpotqa(write(tmp_path / "c.json", items), num_docs=20)
-    items = hotpot_items(10)
-    items[5]["supporting_facts"].append(["Nowhere", 0])
-    with pytest.raises(ValueError, match=r"item 5 supporting title 'Nowhere'"):
-        tasks.load_hotpotqa(write(tmp_path / "s.json", items), num_docs=20)
+    (tmp_path / "bad.jsonl").write_text(json.dumps(hotpot_items(1)[0]) + "\n\n{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:3: malformed JSON line"):
+        tasks.load_hotpotqa(tmp_path / "bad.jsonl", num_docs=50)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: expected a non-empty list"):
+        tasks.load_hotpotqa(tmp_path / "empty.jsonl", num_docs=50)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda it: it.pop("supporting_facts"), r"item 2 has no 'supporting_facts'"),
+    (lambda it: it.pop("_id"), r"item 2 has no '_id'"),
+    (lambda it: it.update(answer=["A"]), r"item 2 key 'answer' should be a str"),
+    (lambda it: it.update(context={"T": []}), r"item 2 key 'context' should be a list"),
+    (lambda it: it["context"].__setitem__(0, ["T", "not a list"]), r"item 2 key 'context' should hold"),
+    (lambda it: it["supporting_facts"].append(["Gold 2-0", True]), r"item 2 key 'supporting_facts' should hold"),
+    (lambda it: it["supporting_facts"].append(["Nowhere", 0]), r"item 2 supporting title 'Nowhere'"),
+    (lambda it: it.clear() or it.update(x=1), r"item 2 has no '_id'"),
+])
+@pytest.mark.parametrize("layout", ["json", "jsonl"])
+def test_hotpotqa_bad_items(tmp_path, edit, message, layout):
+    items = hotpot_items(4)
+    edit(items[2])
+    path = (write if layout == "json" else write_jsonl)(tmp_path / f"hp.{layout}", items)
+    with pytest.raises(ValueError, match=f"hp.{layout}: {message}"):
+        tasks.load_hotpotqa(path, num_docs=20)
+    items[2] = "a string"
+    path = (write if layout == "json" else write_jsonl)(tmp_path / f"hp.{layout}", items)
+    with pytest.raises(ValueError, match=f"hp.{layout}: item 2 should be a JSON object"):
+        tasks.load_hotpotqa(path, num_docs=20)
 
 
 # ---------------------------------------------------------------------------------------------
