@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_agent import TEMPLATES, MemoryAgent  # noqa: E402
+from memory_agent import TEMPLATES, AgentConfig, MemoryAgent  # noqa: E402
 from model import build_model  # noqa: E402
 from rollout import Engine, SamplingParams  # noqa: E402
 from tasks import TASKS, document_text, make_samples  # noqa: E402
@@ -56,8 +56,8 @@ def build_agent(args, n=1, template="default"):
     model = build_model(args.model, dtype=torch.float32, device=args.device)
     turn_blocks = -(-(args.chunk_tokens + 2 * args.memory_tokens + args.question_tokens + 512) // 16)
     engine = Engine(model, num_blocks=2 * n * turn_blocks, block_size=16)
-    agent = MemoryAgent(engine, tok, args.chunk_tokens, args.memory_tokens, args.answer_tokens,
-                        args.question_tokens, template, keep_conversations=False)
+    agent = MemoryAgent(engine, tok, AgentConfig(args.chunk_tokens, args.memory_tokens, args.answer_tokens,
+                                                 args.question_tokens, template), keep_conversations=False)
     return engine, agent, tok
 
 
