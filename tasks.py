@@ -414,7 +414,7 @@ def ideal_memory_trace(sample: Sample, chunk_tokens: int) -> list[list[str]]:
 def _read_hotpot(path) -> list:
     # the official file is one JSON list; a filtered copy may hold one item per line
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read a HotpotQA file ({e})") from e
@@ -460,10 +460,11 @@ def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0,
     """HotpotQA questions over `num_docs` documents each, from the dev-distractor layout (a JSON
     list, or JSONL: one item per line). context="release" (the MemAgent release) starts from all
     of the question's own paragraphs (2 gold, 8 distractors retrieved for it); "supporting" from
-    its gold paragraphs only. Seeded paragraphs of the file with other titles (all other questions'
-    for "release") fill up to num_docs, the placement is shuffled, each formatted "Document i:\\n{title}\\n{text}" (i from
-    1), joined by blank lines. The fill at a larger num_docs includes the fill at a smaller one.
-    num_docs below a question's own paragraph count is an error, not a truncation."""
+    its gold paragraphs only. Seeded paragraphs of the file with other titles (other questions'
+    for "release") fill up to num_docs; the placement is shuffled; each is formatted
+    "Document i:\\n{title}\\n{text}" (i from 1), joined by blank lines. The fill at a larger num_docs
+    includes the fill at a smaller one. A num_docs below a question's own paragraph count is an
+    error, not a truncation."""
     if context not in ("release", "supporting"):
         raise ValueError(f"context must be 'release' or 'supporting', got {context!r}")
     _check_positive("num_docs", num_docs)

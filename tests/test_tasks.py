@@ -399,6 +399,9 @@ def test_hotpotqa_json_and_jsonl_agree(tmp_path):
     path = write_jsonl(tmp_path / "hp.jsonl", items)
     path.write_text(path.read_text().replace("\n", "\n\n", 1))  # a blank line is skipped
     from_jsonl = tasks.load_hotpotqa(path, num_docs=25, seed=3)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(items).encode())  # as some editors save it
+    assert [s.id for s in tasks.load_hotpotqa(bom, num_docs=25, seed=3)] == [s.id for s in from_json]
     for a, b in zip(from_json, from_jsonl, strict=True):
         assert (a.id, a.question, a.answers, a.meta) == (b.id, b.question, b.answers, b.meta)
         assert tasks.document_text(a) == tasks.document_text(b)
