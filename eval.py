@@ -196,6 +196,20 @@ def make_engine(model, sequences, seed, progress):
                   seed=seed, progress=progress)
 
 
+def cell_runner(engine, tokenizer, agent, mode, params, n, progress):
+    """-> run(samples): one output per rollout, sample-major."""
+    if mode == "agent":
+        runner = MemoryAgent(engine, tokenizer, agent, keep_conversations=False, progress=progress)
+        return lambda cell: run_agent(runner, cell, params, n)
+    runner = MemoryAgent(None, tokenizer, agent)  # builds the prompts only: the update turn's budget does not apply
+    max_prompt = engine.max_len - agent.answer_tokens
+    if max_prompt <= 0:
+        raise ValueError(f"agent.answer_tokens={agent.answer_tokens} leaves no room in the model's "
+                         f"{engine.max_len} positions")
+    params = replace(params, max_new_tokens=agent.answer_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
+    return lambda cell: run_direct(runner, engine, cell, params, n, max_prompt)
+
+
 def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode="agent", temperature=0.0,
              top_p=1.0, n=1, seed=0, engine=None, progress=False, out=None, traces=None) -> dict:
     """Run every task x length cell -> {"config", "complete", "results" (a row per cell), "predictions"
@@ -209,15 +223,7 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
     params.check()
     if engine is None:
         engine = make_engine(model, samples * n, seed, progress)
-    if mode == "agent":
-        runner = MemoryAgent(engine, tokenizer, agent, keep_conversations=False, progress=progress)
-    else:  # the agent only builds the prompts: the update turn's budget does not apply
-        runner = MemoryAgent(None, tokenizer, agent)
-        max_prompt = engine.max_len - agent.answer_tokens
-        if max_prompt <= 0:
-            raise ValueError(f"agent.answer_tokens={agent.answer_tokens} leaves no room in the model's "
-                             f"{engine.max_len} positions")
-        params = replace(params, max_new_tokens=agent.answer_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
+    run_cell = cell_runner(engine, tokenizer, agent, mode, params, n, progress)
     config = dict(tasks=list(tasks), lengths=[str(l) for l in lengths], samples=samples, n=n, mode=mode,
                   agent=asdict(agent), temperature=temperature, top_p=top_p, seed=seed)
     res = dict(config=config, complete=False, results=[], predictions=[])
@@ -228,13 +234,12 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
         for name, kind, path, length in cells:
             cell = load_samples(kind, path, length, tokenizer, samples, seed)
             t0 = time.perf_counter()
-            outs = (run_agent(runner, cell, params, n) if mode == "agent"
-                    else run_direct(runner, engine, cell, params, n, max_prompt))
+            outs = run_cell(cell)
             seconds = time.perf_counter() - t0
             preds = [dict(task=name, length=length, id=s.id, rollout=j % n, answer=o["answer"], answers=s.answers,
                           score=0.0 if o["error"] else score(s, o["answer"]), error=o["error"],
                           answer_text=o["answer_text"], tokens_read=o["tokens_read"], doc_tokens=o["doc_tokens"])
-                     for j, (s, o) in enumerate(zip((s for s in cell for _ in range(n)), outs))]
+                     for j, (s, o) in enumerate(zip((s for s in cell for _ in range(n)), outs))]  # sample-major
             row = cell_row(name, length, mode, cell, preds, n, seconds)
             res["results"].append(row)
             res["predictions"] += preds
@@ -243,10 +248,10 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
             if out:
                 write_json(out, res)
             if trace_file:
-                for p, o in zip(preds, outs):
-                    trace_file.write(json.dumps(dict(task=name, length=length, id=p["id"], rollout=p["rollout"],
-                                                     memories=o["memories"], answer_text=o["answer_text"],
-                                                     answer=o["answer"], score=p["score"], error=o["error"])) + "\n")
+                trace_file.writelines(json.dumps(dict(task=name, length=length, id=p["id"], rollout=p["rollout"],
+                                                      memories=o["memories"], answer_text=o["answer_text"],
+                                                      answer=o["answer"], score=p["score"], error=o["error"])) + "\n"
+                                      for p, o in zip(preds, outs))
                 trace_file.flush()
     finally:
         if trace_file:
