@@ -14,7 +14,8 @@ answers from the memory alone. Only the final answer is rewarded. Then:
 
 Around that: overlong reward shaping, dynamic sampling (groups whose rewards are all equal have
 zero advantage everywhere; they are dropped and more groups are generated), an optional KL term
-to a reference policy (coefficient 0 in DAPO), and packing of rows into token-budget micro-batches
+to a reference policy (coefficient 0 in DAPO; the release used 0.001 of k3 = exp(d) - d - 1 with
+d = log pi_ref - log pi, clamped to [-10, 10]), and packing of rows into token-budget micro-batches
 whose losses add up, over micro-batches and data-parallel ranks, to exactly the global mean.
 """
 import math
@@ -23,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def _check(name, x, shape):
@@ -53,15 +55,20 @@ def overlong_penalty(lengths, max_len, buffer):
 def group_advantages(rewards, group_ids, norm_by_std=True, eps=1e-6):
     """Advantage of each trajectory relative to the others of its group (same question):
     (R - mean) / (std + eps) with Bessel-corrected std, or R - mean without norm_by_std.
-    A group of one uses mean 0 and std 1; a group of equal rewards gets 0. Returns float32 [N]."""
+    A group of one uses mean 0 and std 1; a group of equal rewards gets 0. Returns float32 [N].
+    group_ids: any 1-D sequence of ids (list, tuple, torch tensor, numpy array); ids are compared as
+    plain Python values, so tensor(3) and 3 are the same group."""
     r = torch.as_tensor(rewards, dtype=torch.float64)
     if r.dim() != 1:
         raise ValueError(f"rewards must be 1-D, got shape {tuple(r.shape)}")
     _check("rewards", r, r.shape)
-    if len(group_ids) != len(r):
-        raise ValueError(f"group_ids has {len(group_ids)} entries for {len(r)} rewards")
+    if getattr(group_ids, "ndim", 1) != 1:
+        raise ValueError(f"group_ids must be 1-D, got shape {tuple(group_ids.shape)}")
+    ids = [g.item() if hasattr(g, "item") else g for g in group_ids]  # tensors hash by identity
+    if len(ids) != len(r):
+        raise ValueError(f"group_ids has {len(ids)} entries for {len(r)} rewards")
     members = {}
-    for i, g in enumerate(group_ids):
+    for i, g in enumerate(ids):
         members.setdefault(g, []).append(i)
     adv = torch.zeros_like(r)
     for idx in members.values():
@@ -77,35 +84,54 @@ def group_advantages(rewards, group_ids, norm_by_std=True, eps=1e-6):
 
 
 # ----------------------------------------------------------------------------------------------
-# dynamic sampling; a group is a pair (trajectories, rewards) for one question
+# dynamic sampling; a group is a pair (payload, rewards) for one question's n rollouts
 
 
-def filter_groups(groups):
-    """Keep the groups whose rewards are not all equal. Returns (kept, number dropped)."""
-    kept = []
-    for trajectories, rewards in groups:
-        if len(rewards) != len(trajectories) or not all(math.isfinite(x) for x in rewards):
-            raise ValueError("groups: each group needs one finite reward per trajectory")
-        if min(rewards) != max(rewards):
-            kept.append((trajectories, rewards))
-    return kept, len(groups) - len(kept)
+def check_dynamic_sampling(n, enabled):
+    """Config-time check: dynamic sampling keeps only groups whose rewards differ, and a group of
+    n = 1 rollout never has two rewards to differ, so every round would be thrown away."""
+    if enabled and n < 2:
+        raise ValueError(f"dynamic sampling needs n >= 2 rollouts per question, got n={n}: a group of one "
+                         "reward is never informative (its advantage is 0); raise n or turn it off")
 
 
-def sample_groups(generate, want, max_rounds):
-    """Call generate() (a fresh round of groups each call) until `want` groups with non-equal
-    rewards are collected. Returns (the first `want` of them, informative groups seen (surplus
-    beyond `want` is discarded), groups dropped). Raises RuntimeError after max_rounds rounds."""
+def sample_groups(generate, want, max_rounds, enabled=True, count=len):
+    """generate() -> a new round: list of groups, each a (payload, rewards) pair, rewards a list of
+    floats. With enabled, keep only informative groups (rewards not all equal: their advantages would
+    all be 0) and call generate() again until count(kept) >= want or max_rounds rounds have run;
+    without it, one round and every group is kept. `count` maps the local kept list to the number
+    that decides (train.py passes one that sums over data-parallel ranks); it is called once per
+    round, on every round, so a collective in it stays in step across ranks.
+    Returns (kept, seen, rounds): the kept groups (all of them, in order; the caller trims to want),
+    every group generated (for honest accuracy metrics), and the number of rounds run.
+    Running out of rounds is not an error: the caller trains on what it has and logs the shortfall."""
     if want < 1 or max_rounds < 1:
-        raise ValueError(f"want and max_rounds must be >= 1, got {want} and {max_rounds}")
-    kept, dropped = [], 0
-    for _ in range(max_rounds):
-        new, n = filter_groups(generate())
-        kept += new
-        dropped += n
-        if len(kept) >= want:
-            return kept[:want], len(kept), dropped
-    raise RuntimeError(f"dynamic sampling: {len(kept)} of {want} groups with non-equal rewards "
-                       f"after {max_rounds} rounds ({dropped} dropped); raise max_rounds or ease the data")
+        raise ValueError(f"want and max_rounds must be >= 1, got want={want}, max_rounds={max_rounds}")
+    kept, seen = [], []
+    for rounds in range(1, max_rounds + 1):
+        new = generate()
+        for i, group in enumerate(new):
+            _check_group(group, f"round {rounds}, group {i}", enabled)
+        seen += new
+        kept += [g for g in new if not enabled or min(g[1]) != max(g[1])]
+        if not enabled or count(kept) >= want:
+            break
+    return kept, seen, rounds
+
+
+def _check_group(group, where, enabled):
+    if not (isinstance(group, (tuple, list)) and len(group) == 2):
+        raise ValueError(f"generate() {where}: a group must be a (payload, rewards) pair, got {type(group).__name__}")
+    rewards = group[1]
+    try:
+        finite = len(rewards) > 0 and all(math.isfinite(x) for x in rewards)
+    except TypeError:
+        finite = False
+    if not finite:
+        raise ValueError(f"generate() {where}: rewards must be a non-empty list of finite numbers, got {rewards!r}")
+    if enabled and len(rewards) < 2:
+        raise ValueError(f"generate() {where}: a group of one reward is never informative; dynamic sampling "
+                         "needs n >= 2 rollouts per question (see check_dynamic_sampling)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,16 +237,24 @@ def _collate(rows):
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k3"):
-    """Per-token estimate of KL(pi || pi_ref) on tokens sampled from pi, with d = log pi_ref - log pi:
-         k1 = -d                  unbiased, but noisy and can be negative
-         k3 = exp(d) - d - 1      unbiased, >= 0, low variance (the 'low-variance KL'); d clamped to +-20"""
+    """Per-token estimate of KL(pi || pi_ref) on tokens sampled from pi, with d = log pi_ref - log pi
+    (Schulman, "Approximating KL divergence"):
+         k1 = -d                                 unbiased, noisy, can be negative
+         k2 = d^2 / 2                            biased, >= 0, low variance
+         k3 = clamp(exp(d') - d' - 1, -10, 10)   d' = clamp(d, -20, 20); unbiased before the clamps, >= 0,
+                                                 low variance: the release's 'low_var_kl'
+    The value clamp on k3 is the release's: a token far from the reference (d = 5: e^5 - 6 = 142.4)
+    adds at most 10, and its KL gradient is 0. The clamp on d only keeps exp finite; k1 and k2 are
+    not clamped, as there."""
     d = ref_logprobs - logprobs
     if estimator == "k1":
         return -d
+    if estimator == "k2":
+        return d.square() / 2
     if estimator == "k3":
         d = d.clamp(-20.0, 20.0)
-        return d.exp() - d - 1
-    raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {estimator!r}")
+        return (d.exp() - d - 1).clamp(-10.0, 10.0)
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
 def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, dp_size=1, segment_ids=None):

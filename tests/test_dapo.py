@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from dapo import (AGGS, Row, aggregate, filter_groups, group_advantages, kl_penalty, overlong_penalty, pack,
-                  policy_loss, rows_from_trajectories, sample_groups)
+from dapo import (AGGS, Row, aggregate, check_dynamic_sampling, group_advantages, kl_penalty, overlong_penalty,
+                  pack, policy_loss, rows_from_trajectories, sample_groups)
 
 LN2 = math.log(2.0)
 
@@ -157,10 +157,25 @@ def test_one_rank_one_micro_batch_equals_two_ranks_two_uneven_micro_batches(agg)
 
 
 def test_kl_estimators_and_kl_term():
-    # logp = 0, ref = ln 2, d = ref - logp = ln 2:  k1 = -ln 2,  k3 = e^d - d - 1 = 1 - ln 2
+    # logp = 0, ref = ln 2, d = ref - logp = ln 2:  k1 = -ln 2,  k2 = (ln 2)^2 / 2,  k3 = e^d - d - 1 = 1 - ln 2
     logp, ref = torch.zeros(1, 2), torch.full((1, 2), LN2)
     assert torch.allclose(kl_penalty(logp, ref, "k1"), torch.full((1, 2), -LN2))
+    assert torch.allclose(kl_penalty(logp, ref, "k2"), torch.full((1, 2), LN2 ** 2 / 2))
     assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.full((1, 2), 1 - LN2))
+    # large log-ratios: k3's value is clamped to 10 (e^5 - 6 = 142.41 would be), k1 and k2 are not
+    d = torch.tensor([[5.0, -5.0, 30.0, -30.0]])
+    zero = torch.zeros_like(d)
+    assert kl_penalty(zero, d, "k3")[0].tolist() == pytest.approx([10.0, math.exp(-5) + 4, 10.0, 10.0])
+    assert kl_penalty(zero, d, "k3")[0, 1].item() == pytest.approx(4.006738, abs=1e-6)
+    assert kl_penalty(zero, d, "k1")[0].tolist() == [-5.0, 5.0, -30.0, 30.0]
+    assert kl_penalty(zero, d, "k2")[0].tolist() == [12.5, 12.5, 450.0, 450.0]
+    # a clamped token adds no KL gradient; an unclamped one does, and nothing is NaN
+    lp = torch.zeros(1, 4, requires_grad=True)
+    kl_penalty(lp, torch.tensor([[5.0, -5.0, 100.0, 0.5]]), "k3").sum().backward()
+    assert lp.grad[0, 0] == 0 and lp.grad[0, 2] == 0
+    assert lp.grad[0, 1].item() == pytest.approx(1 - math.exp(-5)) and lp.grad[0, 3] != 0
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        kl_penalty(lp, lp, "k9")
     # ratio 1, A = 1: surrogate -1 per token; plus 0.5 * (1 - ln 2)
     loss, m = policy_loss(logp, logp, torch.tensor([1.0]), torch.ones(1, 2), ref_logprobs=ref, kl_coef=0.5)
     assert loss.item() == pytest.approx(-1 + 0.5 * (1 - LN2)) and m["kl"] == pytest.approx(1 - LN2)
@@ -170,6 +185,15 @@ def test_kl_estimators_and_kl_term():
 
 # ---------------------------------------------------------------------------------------------
 # rewards, advantages, overlong shaping
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "tensor", "numpy"])
+def test_group_advantages_take_any_sequence_of_ids(kind):
+    import numpy as np
+    ids = [7, 7, 3, 3, 3]
+    group_ids = {"list": ids, "tuple": tuple(ids), "tensor": torch.tensor(ids), "numpy": np.array(ids)}[kind]
+    got = group_advantages([1.0, 0.0, 1.0, 0.0, 0.0], group_ids, norm_by_std=False)
+    assert got.tolist() == pytest.approx([0.5, -0.5, 2 / 3, -1 / 3, -1 / 3])
 
 
 def test_group_advantages_with_and_without_std_singleton_and_all_equal():
@@ -230,21 +254,80 @@ def test_first_fit_decreasing_packing_and_oversized_rows():
 # dynamic sampling
 
 
-def test_dynamic_sampling_keeps_drops_refills_and_gives_up():
-    rounds = iter([[("q1", [1, 0]), ("q2", [1, 1]), ("q3", [0, 0.5])],
-                   [("q4", [0, 0]), ("q5", [0, 1]), ("q6", [1, 0])]])
-    calls = []
+ROUNDS = [[("q1", [1, 0]), ("q2", [1, 1]), ("q3", [0, 0.5])],
+          [("q4", [0, 0]), ("q5", [0, 1]), ("q6", [1, 0])],
+          [("q7", [1, 0]), ("q8", [0, 0]), ("q9", [0, 0])]]
+
+
+def rounds_of(rounds):
+    """A generate() that hands out the given rounds in order, and the list of calls made."""
+    it, calls = iter(rounds), []
 
     def generate():
         calls.append(1)
-        return [(list(range(len(r))), r) for _, r in next(rounds)]
+        return list(next(it))
+    return generate, calls
 
-    groups, kept, dropped = sample_groups(generate, want=3, max_rounds=5)
-    assert len(calls) == 2 and len(groups) == 3 and (kept, dropped) == (4, 2)  # q1 q3 q5 kept; q6 surplus
-    assert [g[1] for g in groups] == [[1, 0], [0, 0.5], [0, 1]]
-    assert filter_groups([("t", [1.0]), ("tt", [0, 1])]) == ([("tt", [0, 1])], 1)
-    with pytest.raises(RuntimeError, match="after 2 rounds"):
-        sample_groups(lambda: [("tt", [1, 1])], want=1, max_rounds=2)
+
+def test_dynamic_sampling_stops_as_soon_as_enough():
+    generate, calls = rounds_of(ROUNDS)
+    kept, seen, rounds = sample_groups(generate, want=3, max_rounds=5)
+    # round 1 keeps q1 q3, round 2 adds q5 q6: 4 >= 3, so no third round; the surplus is the caller's
+    assert (len(calls), rounds) == (2, 2)
+    assert [p for p, _ in kept] == ["q1", "q3", "q5", "q6"]
+    assert [p for p, _ in seen] == ["q1", "q2", "q3", "q4", "q5", "q6"]
+
+
+def test_dynamic_sampling_out_of_rounds_returns_the_shortfall():
+    generate, calls = rounds_of(ROUNDS)
+    kept, seen, rounds = sample_groups(generate, want=10, max_rounds=3)  # only 5 informative exist
+    assert (len(calls), rounds) == (3, 3) and len(seen) == 9
+    assert [p for p, _ in kept] == ["q1", "q3", "q5", "q6", "q7"]
+    kept, seen, rounds = sample_groups(lambda: [("q", [1, 1])], want=1, max_rounds=2)
+    assert (kept, len(seen), rounds) == ([], 2, 2)
+
+
+def test_dynamic_sampling_off_keeps_everything_in_one_round():
+    generate, calls = rounds_of(ROUNDS)
+    kept, seen, rounds = sample_groups(generate, want=100, max_rounds=5, enabled=False)
+    assert len(calls) == 1 and rounds == 1 and kept == seen == ROUNDS[0]
+    # a group of one is fine without dynamic sampling, an error with it
+    assert sample_groups(lambda: [("q", [1.0])], 1, 3, enabled=False)[0] == [("q", [1.0])]
+    with pytest.raises(ValueError, match="group of one reward is never informative"):
+        sample_groups(lambda: [("q", [1.0])], 1, 3)
+
+
+def test_dynamic_sampling_decides_on_the_given_count():
+    # a stand-in for the sum over data-parallel ranks: three other ranks each hold 2 kept groups
+    counted = []
+
+    def global_count(kept):
+        counted.append(len(kept))
+        return len(kept) + 3 * 2
+
+    generate, calls = rounds_of(ROUNDS)
+    kept, seen, rounds = sample_groups(generate, want=8, max_rounds=5, count=global_count)
+    assert rounds == 1 and counted == [2] and [p for p, _ in kept] == ["q1", "q3"]  # 2 + 6 >= 8
+    generate, calls = rounds_of(ROUNDS)
+    counted.clear()
+    kept, seen, rounds = sample_groups(generate, want=10, max_rounds=5, count=global_count)
+    assert rounds == 2 and counted == [2, 4]  # called once per round, every round
+
+
+def test_dynamic_sampling_bad_input():
+    for rewards in ([0.0, float("nan")], [float("inf"), 1.0], [], ["a", "b"]):
+        with pytest.raises(ValueError, match=r"round 1, group 0: rewards must be a non-empty list of finite"):
+            sample_groups(lambda: [("q", rewards)], 1, 2)
+    with pytest.raises(ValueError, match="round 1, group 1: a group must be a .payload, rewards. pair"):
+        sample_groups(lambda: [("q", [0, 1]), [0, 1, 2]], 1, 2)
+    with pytest.raises(ValueError, match="want=0"):
+        sample_groups(lambda: [], 0, 2)
+    with pytest.raises(ValueError, match="max_rounds=0"):
+        sample_groups(lambda: [], 1, 0)
+    with pytest.raises(ValueError, match="n >= 2 rollouts per question, got n=1"):
+        check_dynamic_sampling(1, True)
+    check_dynamic_sampling(1, False)
+    check_dynamic_sampling(2, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +351,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
         ("old_logprobs", lambda: Row([1], [2, 3], 1.0, [-0.1])),
         ("response_ids", lambda: Row([1], [])),
         ("mix", lambda: pack([Row([1], [2]), Row([1], [2], 1.0, [-0.1])], 10)),
-        ("groups", lambda: filter_groups([("t", [float("nan"), 1.0])])),
+        ("rewards", lambda: sample_groups(lambda: [("t", [float("nan"), 1.0])], 1, 1)),
     ]
     for name, call in cases:
         with pytest.raises(ValueError, match=name):
