@@ -42,7 +42,7 @@ def peak_bandwidth(device):
         for key, bw in PEAK_BANDWIDTH:
             if key in name:
                 return bw, f"datasheet ({name})"
-    x = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=device)
+    x = torch.empty((1024 if device.type == "cuda" else 64) * 2 ** 20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     seconds = timed(lambda: y.copy_(x), device)
     return 2 * x.numel() / seconds, "measured copy (read + write)"
