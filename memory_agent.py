@@ -330,10 +330,11 @@ class MemoryAgent:
         c = self.cfg
         memory = max(c.memory_tokens, len(self.empty_memory))  # the old memory in a prompt
         frame = self.wrapper_tokens + c.question_tokens + memory
-        for template, new, what in ((self.update, c.chunk_tokens + c.memory_tokens,
-                                     f"agent.chunk_tokens={c.chunk_tokens} + 2 x agent.memory_tokens={c.memory_tokens}"),
-                                    (self.final, c.answer_tokens,
-                                     f"agent.answer_tokens={c.answer_tokens} + agent.memory_tokens={c.memory_tokens}")):
+        turns = ((self.update, c.chunk_tokens + c.memory_tokens,
+                  f"agent.chunk_tokens={c.chunk_tokens} + 2 x agent.memory_tokens={c.memory_tokens}"),
+                 (self.final, c.answer_tokens,
+                  f"agent.answer_tokens={c.answer_tokens} + agent.memory_tokens={c.memory_tokens}"))
+        for template, new, what in turns:
             need = frame + template.num_text_tokens + new
             if need > max_len:
                 raise ValueError(f"{what} + agent.question_tokens={c.question_tokens} + template and chat frame "
@@ -515,7 +516,7 @@ def main(argv=None):
             bar.update(traj.tokens_read - bar.n)
         elif traj.answer_text is None and traj.error is None:
             print(f"--- memory after chunk {len(traj.memories)} ({traj.tokens_read} document tokens read)\n"
-                  f"{traj.memories[-1]}", flush=True)
+                  f"{traj.memories[-1] or '(empty)'}", flush=True)
 
     sample = Sample("document", args.question, Path(args.document), [])
     traj = agent.run([sample], params=params, on_turn=show)[0]
