@@ -5,14 +5,14 @@
     torchrun --nnodes=4 --nproc_per_node=8 ... train.py --config configs/qwen2.5-7b-instruct.json
 
 One RL step: questions (deterministic, split over ranks) -> n memory-agent rollouts each, with the
-live policy -> final-answer rewards (+ overlong shaping) -> dynamic sampling, agreed across ranks
--> group advantages, broadcast to every conversation of a trajectory -> old log-probs -> for each
-mini-batch: token-budget micro-batches, loss over the step's global token count, backward, grad
-clip, AdamW. Checkpoints (torch.distributed.checkpoint) are atomic and resumable (--resume).
-Data parallelism: `fsdp` (FSDP2, bf16 compute, fp32 master weights and reductions) or `ddp`
-(replicas whose gradients are all-reduced once per optimizer step, after accumulation).
+live policy -> final-answer rewards (+ overlong shaping) -> dynamic sampling (dapo.sample_groups,
+agreed across ranks) -> group advantages, broadcast to every conversation of a trajectory -> old
+log-probs -> for each mini-batch: token-budget micro-batches, loss over the step's global token
+count, backward, grad clip, AdamW. The loop is `train()` at the bottom; what it calls is above it:
+config, distributed helpers, building the policy, checkpoints, data, rollout, the update.
 """
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -29,10 +29,12 @@ import torch.distributed as dist
 
 import dapo
 import tasks
-from memory_agent import ChunkStream, MemoryAgent, document_tokens
+from memory_agent import AgentConfig, ChunkStream, MemoryAgent, document_tokens
 from model import TINY_CONFIGS, Transformer, build_model
-from rollout import Engine, SamplingParams
+from rollout import Engine, SamplingParams, derive_seed
 from tokenizer import load_tokenizer, train_sentencepiece
+
+COPY_ROW_TOKENS = 128  # tokens predicted by one copy-warm-up row (it holds one more, the first input)
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,18 +46,10 @@ class DataConfig:
     lengths: str = "1k"  # document lengths of synthetic questions (comma list, cycled)
     hotpot_docs: int = 200  # documents per HotpotQA question
     questions_per_step: int = 8  # over all ranks
+    shuffle: bool = True  # a file's questions in a fresh seeded order each epoch, or in file order
     # SFT of a model trained from scratch (the embedded tiny agent):
     copy_warmup_steps: int = 0  # first steps train on repeated random text (copy_rows) instead
     sft_direct: bool = False  # also teach answering from the whole document (the --mode direct baseline)
-
-
-@dataclass
-class AgentConfig:
-    chunk_tokens: int = 5000
-    memory_tokens: int = 1024
-    answer_tokens: int = 1024
-    question_tokens: int = 1024
-    template: str = "default"
 
 
 @dataclass
@@ -100,6 +94,19 @@ class EngineConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out validation during training: never trained on (its own seed, or its own file)."""
+    every: int = 0  # steps between validations; 0 = never
+    tasks: str = ""  # default: data.tasks
+    lengths: str = ""  # default: data.lengths
+    samples: int = 8  # questions per task x length
+    n: int = 1  # rollouts per question
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 1_000_003  # synthetic held-out questions are drawn with this seed, not the run's
+
+
+@dataclass
 class Config:
     model: str = "tiny"  # a HF checkpoint directory, or a tiny config name (fresh weights)
     tokenizer: str = ""  # default: the model directory
@@ -121,6 +128,27 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _convert(kind, value):
+    """value as `kind` (bool, int, float, str), from JSON or command-line text; never truncates."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+    elif kind is int and not isinstance(value, bool):
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, (int, float)) and math.isfinite(number) and number == int(number):
+            return int(number)
+    elif kind is float and not isinstance(value, bool):
+        number = float(value) if isinstance(value, (str, int, float)) else None
+        if number is not None and math.isfinite(number):
+            return number
+    elif kind is str and isinstance(value, str):
+        return value
+    raise ValueError(value)
 
 
 def _set(obj, key, value, where, section=""):
@@ -142,21 +170,48 @@ def _set(obj, key, value, where, section=""):
         raise ValueError(f"{where}: '{section + head}' has no sub-keys ('{full}')")
     kind = type(current)
     try:
-        if isinstance(value, str) and kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            value = value.lower() in ("true", "1")
-        elif kind is not str:
-            value = kind(value) if not (kind is int and isinstance(value, str) and "e" in value) else int(float(value))
+        value = _convert(kind, value)
     except (TypeError, ValueError):
         raise ValueError(f"{where}: '{full}' expects {kind.__name__}, got {value!r}") from None
     setattr(obj, head, value)
 
 
+# (key, test, what it must be): every numeric key of the tree, checked after all overrides
+RULES = [(k, lambda v: v >= 1, ">= 1") for k in (
+    "steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "data.hotpot_docs",
+    "data.questions_per_step", "rl.n", "rl.mini_batches", "rl.max_rounds", "optim.micro_batch_tokens",
+    "engine.block_size", "engine.max_num_seqs", "engine.max_num_batched_tokens", "eval.samples", "eval.n")]
+RULES += [(k, lambda v: v >= 0, ">= 0") for k in (
+    "seed", "data.copy_warmup_steps", "rl.overlong_buffer", "rl.kl_coef", "optim.warmup_steps",
+    "optim.cooldown_steps", "optim.weight_decay", "engine.num_blocks", "eval.every", "eval.temperature",
+    "eval.seed")]
+RULES += [
+    ("rl.temperature", lambda v: v > 0, "> 0 (RL samples its rollouts)"),
+    ("rl.top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("eval.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("rl.clip_low", lambda v: 0 <= v < 1, "in [0, 1)"), ("rl.clip_high", lambda v: v >= 0, ">= 0"),
+    ("rl.clip_c", lambda v: v > 1, "> 1"), ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("optim.beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.grad_clip", lambda v: v > 0, "> 0"),
+    ("engine.gpu_memory_utilization", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("algo", lambda v: v in ("rl", "sft"), "rl or sft"),
+    ("parallel", lambda v: v in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp"),
+    ("dtype", lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+    ("rl.loss_agg", lambda v: v in dapo.AGGS, f"one of {dapo.AGGS}"),
+    ("rl.reward", lambda v: v in ("boxed_em", "sample"), "boxed_em or sample"),
+    ("rl.kl_estimator", lambda v: v in dapo.KL_ESTIMATORS, f"one of {dapo.KL_ESTIMATORS}"),
+]
+
+
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def parse_config(argv):
-    """--config FILE first, then --key=value overrides; bare flags (--resume) mean true."""
-    cfg = Config()
-    args = list(argv)
+    """--config FILE first, then --key=value (or --key value) overrides; a bare flag (--resume)
+    means true. Agent keys not set here come from the model directory's agent.json, if any."""
+    cfg, args, explicit = Config(), list(argv), set()
     if "--config" in args:
         i = args.index("--config")
         path = args[i + 1] if i + 1 < len(args) else ""
@@ -165,31 +220,44 @@ def parse_config(argv):
             raise FileNotFoundError(f"--config: no such file '{path}'")
         with open(path) as f:
             try:
-                for k, v in json.load(f).items():
-                    _set(cfg, k, v, path)
+                raw = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
-    for a in args:
+        for k, v in raw.items():
+            _set(cfg, k, v, path)
+        explicit |= {f"agent.{k}" for k in raw.get("agent", {})}
+    while args:
+        a = args.pop(0)
         if not a.startswith("--"):
             raise ValueError(f"argument '{a}': expected --key=value")
         key, eq, value = a[2:].partition("=")
-        _set(cfg, key.replace("-", "_"), value if eq else "true", "command line")
-    if cfg.algo not in ("rl", "sft"):
-        raise ValueError(f"algo must be rl or sft, got '{cfg.algo}'")
-    if cfg.parallel not in ("auto", "ddp", "fsdp"):
-        raise ValueError(f"parallel must be auto, ddp or fsdp, got '{cfg.parallel}'")
-    if cfg.rl.loss_agg not in dapo.AGGS:
-        raise ValueError(f"rl.loss_agg must be one of {dapo.AGGS}, got '{cfg.rl.loss_agg}'")
-    for key, value in (("keep_checkpoints", cfg.keep_checkpoints), ("rl.max_rounds", cfg.rl.max_rounds),
-                       ("rl.n", cfg.rl.n), ("rl.mini_batches", cfg.rl.mini_batches), ("checkpoint_every", cfg.checkpoint_every)):
-        if value < 1:
-            raise ValueError(f"{key} must be >= 1, got {value}")
-    if cfg.rl.reward not in ("boxed_em", "sample"):
-        raise ValueError(f"rl.reward must be boxed_em or sample, got '{cfg.rl.reward}'")
+        if not eq:  # --key value, or a bare boolean flag
+            value = args.pop(0) if args and not args[0].startswith("--") else "true"
+        key = key.replace("-", "_")
+        _set(cfg, key, value, "command line")
+        explicit.add(key)
+    validate(cfg, explicit)
+    return cfg
+
+
+def validate(cfg, explicit=()):
+    """Every key's range, the model, and the agent settings (agent.json of the model as default)."""
+    for key, ok, what in RULES:
+        if not ok(_get(cfg, key)):
+            raise ValueError(f"config key '{key}' must be {what}, got {_get(cfg, key)!r}")
     if cfg.model not in TINY_CONFIGS and not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"model: '{cfg.model}' is neither a checkpoint directory nor one of "
                                 f"{sorted(TINY_CONFIGS)}")
-    return cfg
+    saved = AgentConfig.load(cfg.model) if os.path.isdir(cfg.model) else None
+    for f in dataclasses.fields(AgentConfig):
+        if saved is not None and f"agent.{f.name}" not in explicit:
+            setattr(cfg.agent, f.name, getattr(saved, f.name))
+    cfg.agent.validate()
+    if cfg.algo == "rl" and cfg.rl.dynamic_sampling:
+        dapo.check_dynamic_sampling(cfg.rl.n, cfg.rl.dynamic_sampling)
+    if cfg.rl.overlong_buffer > cfg.agent.answer_tokens:
+        raise ValueError(f"rl.overlong_buffer={cfg.rl.overlong_buffer} exceeds agent.answer_tokens="
+                         f"{cfg.agent.answer_tokens}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,12 +275,17 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def all_sum(values, device):
-    """Sum a list of numbers over ranks (one collective)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_sum(values: dict, device) -> dict:
+    """Sum each metric over ranks, by key (one collective). A key some rank lacks counts 0 there."""
+    keys = sorted(values)
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, keys)
+        keys = sorted(set().union(*every))
+    t = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
-    return t.tolist()
+    return dict(zip(keys, t.tolist()))
 
 
 def all_max(value, device):
@@ -220,6 +293,11 @@ def all_max(value, device):
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def fsdp_units(model):
@@ -261,29 +339,244 @@ def sync_gradients(model, world, fsdp):
 
 
 # --------------------------------------------------------------------------------------------
+# building the policy, its reference and its optimizer
+
+def build_policy(cfg, world, device, vocab_size):
+    """-> (model, fsdp). FSDP2 shards every block and the root (fp32 masters, bf16 compute); ddp
+    keeps full replicas that start from rank 0's weights."""
+    fsdp = cfg.parallel == "fsdp" or (cfg.parallel == "auto" and device.type == "cuda" and world > 1)
+    dtype = torch.float32 if fsdp else getattr(torch, cfg.dtype)
+    model = build_model(cfg.model, dtype=dtype, device="cpu", seed=cfg.seed)
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} tokens, the model '{cfg.model}' only "
+                         f"{model.config.vocab_size}")
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.to(device)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # bf16 compute on GPUs; fp32 on CPU (gloo), where bf16 is slow and a run must match one process
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        for m in fsdp_units(model):
+            fully_shard(m, mp_policy=mp)
+    elif world > 1:
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+    return model, fsdp
+
+
+def build_reference(cfg, device, fsdp):
+    """A frozen copy of the initial policy for the KL term, in the dtype the policy computes in;
+    under FSDP sharded like the policy (a full bf16 copy per rank would cost 15 GB at 7B)."""
+    dtype = torch.bfloat16 if fsdp and device.type == "cuda" else getattr(torch, cfg.dtype)
+    ref = build_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed).eval().requires_grad_(False)
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for m in fsdp_units(ref):
+            fully_shard(m)
+    return ref
+
+
+def build_optimizer(cfg, model, fsdp):
+    """AdamW (no decay on norms and biases) and a warm-up, stable, cool-down LR schedule."""
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}],
+                            lr=o.lr, betas=(o.beta1, o.beta2), foreach=not fsdp)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps),
+                           (cfg.steps - s) / o.cooldown_steps if o.cooldown_steps else 1.0))
+    return opt, sched
+
+
+def build_tokenizer(cfg, rank):
+    path = cfg.tokenizer or (cfg.model if os.path.isdir(cfg.model) else "")
+    if path:
+        return load_tokenizer(path)
+    # A from-scratch tiny model with no tokenizer given: train one on the task text (seconds).
+    path = os.path.join(cfg.out_dir, "tokenizer.model")
+    if rank == 0 and not os.path.isfile(path):
+        train_sentencepiece(tiny_corpus(), TINY_CONFIGS[cfg.model].vocab_size, path)
+    barrier()
+    return load_tokenizer(path)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints: out_dir/checkpoints/step_N/{state (torch.distributed.checkpoint), rng_rankR.pt,
+# trainer.json}, written to step_N.tmp and renamed, so a directory named step_N is complete
+
+class Checkpointer:
+    def __init__(self, cfg, rank, world):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.dir = os.path.join(cfg.out_dir, "checkpoints")
+        self.metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.lock = None
+
+    def claim_out_dir(self):
+        """Check out_dir before any work: writable, not in use by a live run, and not an old run
+        unless resuming. Every rank holds a shared lock on it while it lives; a new run's rank 0
+        needs it exclusively for a moment, so stray workers of a killed run make it fail here."""
+        cfg = self.cfg
+        if self.rank == 0:
+            try:
+                os.makedirs(cfg.out_dir, exist_ok=True)
+                self.lock = open(os.path.join(cfg.out_dir, ".lock"), "a")
+            except OSError as e:
+                raise OSError(f"out_dir '{cfg.out_dir}' is not writable ({e.strerror})") from None
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeError(f"out_dir '{cfg.out_dir}' is in use by another run (its processes still "
+                                   "hold out_dir/.lock); stop them or choose another out_dir") from None
+            if not (cfg.resume or cfg.export) and (os.path.exists(self.metrics) or self.newest()):
+                raise RuntimeError(f"out_dir '{cfg.out_dir}' holds an earlier run; pass --resume to continue "
+                                   "it, or choose a new out_dir")
+            if cfg.export and not self.newest():
+                raise FileNotFoundError(f"--export: no checkpoint in '{self.dir}' to export (is out_dir right?)")
+            fcntl.flock(self.lock, fcntl.LOCK_SH)
+        barrier()
+        if self.rank != 0:
+            self.lock = open(os.path.join(cfg.out_dir, ".lock"), "a")
+            fcntl.flock(self.lock, fcntl.LOCK_SH)
+
+    def release_out_dir(self):
+        if self.lock is not None:
+            self.lock.close()  # closing the file drops the lock
+            self.lock = None
+
+    def newest(self):
+        """Complete checkpoint directories, oldest first."""
+        if not os.path.isdir(self.dir):
+            return []
+        return sorted(d for d in os.listdir(self.dir) if d.startswith("step_") and not d.endswith(".tmp"))
+
+    def save(self, model, opt, sched, state):
+        """Write step_N atomically: into a temporary directory, then one rename (rank 0)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        final = os.path.join(self.dir, f"step_{state['step']:06d}")
+        tmp = final + ".tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "state"))
+        torch.save({"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        barrier()
+        if self.rank == 0:
+            with open(os.path.join(tmp, "trainer.json"), "w") as f:
+                json.dump(dict(state, scheduler=sched.state_dict(), world=self.world,
+                               config=dataclasses.asdict(self.cfg)), f, indent=2)
+            os.replace(tmp, final)
+            for old in self.newest()[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(os.path.join(self.dir, old))
+        barrier()
+        return final
+
+    def load(self, model, opt, sched):
+        """Restore the newest intact checkpoint (a damaged one is named and skipped) -> its state
+        dict (step, position, bad_steps), or None if there is none."""
+        for name in reversed(self.newest()):
+            try:
+                return self._load(os.path.join(self.dir, name), model, opt, sched)
+            except Exception as e:  # a truncated shard, a missing file: fall back to the one before
+                if self.rank == 0:
+                    print(f"checkpoint {os.path.join(self.dir, name)} is damaged ({type(e).__name__}: "
+                          f"{str(e)[:200]}); trying an older one", flush=True)
+        return None
+
+    def _load(self, path, model, opt, sched):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        with open(os.path.join(path, "trainer.json")) as f:
+            meta = json.load(f)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(path, "state"))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        sched.load_state_dict(meta["scheduler"])
+        rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
+        if meta["world"] == self.world and os.path.isfile(rng_path):
+            rng = torch.load(rng_path, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        if self.rank == 0:
+            self._truncate_metrics(meta["step"])
+            print(f"resumed from {path} (step {meta['step']})", flush=True)
+        return dict({k: meta[k] for k in ("step", "position", "bad_steps")}, agent=meta["config"]["agent"])
+
+    def _truncate_metrics(self, step):
+        """Forget logged steps after the checkpoint, and a line torn by a kill mid-write."""
+        if not os.path.isfile(self.metrics):
+            return
+        kept = []
+        with open(self.metrics) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # torn or foreign line
+        with open(self.metrics, "w") as f:
+            f.writelines(kept)
+
+    def export(self, model, tok, agent, path):
+        """Write the model in HF format (gathering FSDP shards on rank 0), its tokenizer and agent.json."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            with torch.device("meta"):
+                shell = Transformer(model.config)
+            shell.save_pretrained(path, state_dict=full)
+            src = tok.path if os.path.isdir(tok.path) else os.path.dirname(tok.path)
+            for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+                if os.path.isfile(os.path.join(src, name)):
+                    shutil.copy(os.path.join(src, name), path)
+            agent.save(path)
+        barrier()
+
+
+# --------------------------------------------------------------------------------------------
 # data: the i-th question of the run is a pure function of (config, i)
+
+def load_task_source(spec, tok, hotpot_docs, seed):
+    """`jsonl:FILE` or `hotpotqa:FILE` -> its samples; a comma list of task names -> None (generated)."""
+    if spec.startswith("jsonl:"):
+        samples = tasks.load_jsonl(spec[6:])
+    elif spec.startswith("hotpotqa:"):
+        samples = tasks.load_hotpotqa(spec[9:], hotpot_docs, seed=seed)
+    else:
+        unknown = [t for t in spec.split(",") if t not in tasks.TASKS]
+        if unknown:
+            raise ValueError(f"data.tasks: unknown tasks {unknown}; known: {sorted(tasks.TASKS)}")
+        return None
+    if not samples:
+        raise ValueError(f"data.tasks: {spec} holds no samples")
+    return samples
+
 
 class Questions:
     def __init__(self, cfg: Config, tok):
         self.cfg, self.tok = cfg, tok
-        spec = cfg.data.tasks
-        self.samples = None
-        if spec.startswith("jsonl:"):
-            self.samples = tasks.load_jsonl(spec[6:])
-        elif spec.startswith("hotpotqa:"):
-            self.samples = tasks.load_hotpotqa(spec[9:], cfg.data.hotpot_docs, seed=cfg.seed)
-        else:
-            self.names = spec.split(",")
-            unknown = [t for t in self.names if t not in tasks.TASKS]
-            if unknown:
-                raise ValueError(f"data.tasks: unknown tasks {unknown}; known: {sorted(tasks.TASKS)}")
+        self.samples = load_task_source(cfg.data.tasks, tok, cfg.data.hotpot_docs, cfg.seed)
+        if self.samples is None:
+            self.names = cfg.data.tasks.split(",")
             self.lengths = [tasks.parse_length(x) for x in cfg.data.lengths.split(",")]
-        if self.samples is not None and not self.samples:
-            raise ValueError(f"data.tasks: {spec} holds no samples")
 
     def get(self, i):
-        if self.samples is not None:  # a fresh seeded permutation per epoch
+        if self.samples is not None:
             epoch, j = divmod(i, len(self.samples))
+            if not self.cfg.data.shuffle:
+                return self.samples[j]
             order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.samples))
             return self.samples[order[j]]
         task = self.names[i % len(self.names)]
@@ -297,13 +590,13 @@ def teacher_rows(sample, agent, tok, direct=False):
     With `direct`, one more row answers from the whole document in one prompt."""
     if not sample.meta.get("needles"):
         raise ValueError(f"sample {sample.id}: SFT needs a task with needles (task {sample.meta.get('task')})")
-    C = agent.chunk_tokens
+    C = agent.cfg.chunk_tokens
     if any(n["relevant"] and n["offset"] // C != (n["offset"] + n["tokens"] - 1) // C for n in sample.meta["needles"]):
         return []  # a needle cut by a chunk boundary: no memory could hold it whole, so no ideal trace
     problem = tok.encode(sample.question)
     stream = ChunkStream(document_tokens(sample.document, tok), C, 1)
     end, rows, memory = [tok.end_of_turn_id], [], []
-    for kept in tasks.ideal_memory_trace(sample, agent.chunk_tokens):
+    for kept in tasks.ideal_memory_trace(sample, C):
         chunk = stream.next(0)
         target = tok.encode(" ".join(kept))
         rows.append(dapo.Row(agent.prompt(problem, memory, chunk), target + end))
@@ -311,257 +604,62 @@ def teacher_rows(sample, agent, tok, direct=False):
     answer = tok.encode("\\boxed{" + ", ".join(sample.answers) + "}")
     rows.append(dapo.Row(agent.prompt(problem, memory), answer + end))
     if direct:
-        rows.append(dapo.Row(agent.direct_prompt(sample, max_prompt_tokens=1 << 62), answer + end))
+        rows.append(dapo.Row(agent.direct_prompt(sample, max_prompt_tokens=math.inf), answer + end))
     return rows
 
 
-def copy_rows(num, length, vocab_size, seed):
-    """`num` rows of next-token prediction on random token strings (6..20 ids) repeated end to end.
-    Every turn of the memory agent copies (needle into memory, memory into memory, memory into
-    answer), and a transformer learns to copy (induction heads) fastest from text that repeats
-    itself; trained from scratch on the agent's traces alone, the tiny models did not get there in
-    the hundreds of steps we tried (README)."""
+def copy_rows(num, length, vocab_size, seed, first_text_id=4):
+    """`num` rows of next-token prediction on random token strings (6..20 ids of ordinary text,
+    >= first_text_id) repeated end to end. Every turn of the memory agent copies (needle into
+    memory, memory into memory, memory into answer), and a transformer learns to copy (induction
+    heads) fastest from text that repeats itself (README: why the copy warm-up)."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(num):
-        piece = rng.integers(4, vocab_size, size=int(rng.integers(6, 21)))  # ids 0-3 are special
+        piece = rng.integers(first_text_id, vocab_size, size=int(rng.integers(6, 21)))
         seq = np.tile(piece, length // len(piece) + 2)[:length + 1].tolist()
         rows.append(dapo.Row(seq[:1], seq[1:]))
     return rows
 
 
+# the tasks whose text trains a from-scratch tokenizer: fixed, so that adding a task to tasks.TASKS
+# does not change the tokenizer (and every checkpoint) a config rebuilds
+TOKENIZER_TASKS = ("fwe", "niah_multikey", "niah_multiquery", "niah_multivalue", "niah_single", "niah_single_words",
+                   "passkey", "vt")
+
+
+def tiny_corpus(num=400):
+    """Text for the tiny tokenizer: the synthetic tasks' documents and questions, the templates."""
+    from memory_agent import TEMPLATES
+
+    class Words:  # counts by whitespace, enough to size documents for tokenizer training
+        def encode(self, text):
+            return text.split()
+
+    out = [t for tmpl in TEMPLATES.values() for t in tmpl.values()]
+    for i in range(num):
+        name = TOKENIZER_TASKS[i % len(TOKENIZER_TASKS)]
+        s = tasks.TASKS[name](600, Words(), seed=12345, index=i)
+        out += [s.question, "".join(tasks.document_pieces(s)), "\\boxed{" + ", ".join(s.answers) + "}"]
+    return out
+
+
 # --------------------------------------------------------------------------------------------
-# the trainer
+# the update: micro-batches, the loss over the step's global token count, one optimizer step
 
-class Trainer:
-    def __init__(self, cfg: Config, reward_fn=None):
-        self.cfg = cfg
-        self.rank, self.world, self.device = setup_distributed()
-        torch.manual_seed(cfg.seed + self.rank)
-        self.fsdp = cfg.parallel == "fsdp" or (cfg.parallel == "auto" and self.device.type == "cuda"
-                                               and self.world > 1)
-        self.tok = self._tokenizer()
-        dtype = getattr(torch, cfg.dtype)
-        model = build_model(cfg.model, dtype=torch.float32 if self.fsdp else dtype, device="cpu", seed=cfg.seed)
-        if len(self.tok.encode("a")) and model.config.vocab_size < self.tok.vocab_size:
-            raise ValueError(f"tokenizer has {self.tok.vocab_size} tokens, the model only {model.config.vocab_size}")
-        model.gradient_checkpointing = cfg.gradient_checkpointing
-        model.to(self.device)
-        if self.fsdp:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            for m in fsdp_units(model):
-                fully_shard(m, mp_policy=mp)
-            # FSDP picks its root at the first forward; the engine calls the blocks directly, so
-            # make that first forward go through the root, then drop the gathered weights again.
-            with torch.no_grad():
-                model(torch.zeros(1, 2, dtype=torch.long, device=self.device))
-            model.reshard()
-        elif self.world > 1:  # ddp: every rank starts from rank 0's weights
-            for p in model.parameters():
-                dist.broadcast(p.data, 0)
-        self.model = model
-        self.ref = None
-        if cfg.rl.kl_coef and cfg.algo == "rl":  # a frozen copy of the initial policy
-            ref_dtype = torch.bfloat16 if self.fsdp else dtype  # as the policy computes
-            self.ref = build_model(cfg.model, dtype=ref_dtype, device=self.device, seed=cfg.seed).eval()
-            self.ref.requires_grad_(False)
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-        o = cfg.optim
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                      {"params": rest, "weight_decay": 0.0}],
-                                     lr=o.lr, betas=(o.beta1, o.beta2), foreach=not self.fsdp)
-        # warm-up, stable, decay: linear warm-up, constant, then (with cooldown_steps) linear to 0
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps),
-                                    (cfg.steps - s) / o.cooldown_steps if o.cooldown_steps else 1.0))
-        self.agent_kw = dict(chunk_tokens=cfg.agent.chunk_tokens, memory_tokens=cfg.agent.memory_tokens,
-                             answer_tokens=cfg.agent.answer_tokens, question_tokens=cfg.agent.question_tokens,
-                             template=cfg.agent.template)
-        self.questions = Questions(cfg, self.tok)
-        self.reward_fn = reward_fn or self._reward
-        self.step, self.position, self.bad_steps = 0, 0, 0
-        self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
-        self.autocast = self.device.type == "cuda" and not self.fsdp and dtype == torch.float32
+class Learner:
+    """The policy, its optimizer and schedule, and the optional frozen reference for the KL term."""
 
-    def _tokenizer(self):
-        cfg = self.cfg
-        path = cfg.tokenizer or (cfg.model if os.path.isdir(cfg.model) else "")
-        if path:
-            return load_tokenizer(path)
-        # A from-scratch tiny model with no tokenizer given: train one on the task text (seconds).
-        path = os.path.join(cfg.out_dir, "tokenizer.model")
-        if self.rank == 0 and not os.path.isfile(path):
-            vocab = TINY_CONFIGS[cfg.model].vocab_size
-            train_sentencepiece(tiny_corpus(), vocab, path)
-        if dist.is_initialized():
-            dist.barrier()
-        return load_tokenizer(path)
+    def __init__(self, cfg, world, device, vocab_size):
+        self.cfg, self.world, self.device = cfg, world, device
+        self.model, self.fsdp = build_policy(cfg, world, device, vocab_size)
+        self.ref = build_reference(cfg, device, self.fsdp) if cfg.rl.kl_coef and cfg.algo == "rl" else None
+        self.opt, self.sched = build_optimizer(cfg, self.model, self.fsdp)
+        self.autocast = device.type == "cuda" and not self.fsdp and cfg.dtype == "float32"
 
-    def _reward(self, sample, traj):
-        if self.cfg.rl.reward == "sample":
-            return tasks.score(sample, traj.answer)
-        return tasks.boxed_em(traj.answer, sample.answers, all_of=sample.meta.get("scorer") == "string_match_all")
-
-    def log(self, *args):
-        if self.rank == 0:
-            print(*args, flush=True)
-
-    # -- checkpoints ---------------------------------------------------------------------------
-
-    def save_checkpoint(self):
-        """Write step_N atomically: into a temporary directory, then one rename (rank 0)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        final = os.path.join(self.ckpt_dir, f"step_{self.step:06d}")
-        tmp = final + ".tmp"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        self._barrier()
-        model_sd, optim_sd = get_state_dict(self.model, self.opt)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "state"))
-        torch.save({"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
-                   os.path.join(tmp, f"rng_rank{self.rank}.pt"))
-        self._barrier()
-        if self.rank == 0:
-            with open(os.path.join(tmp, "trainer.json"), "w") as f:
-                json.dump({"step": self.step, "position": self.position, "bad_steps": self.bad_steps,
-                           "scheduler": self.sched.state_dict(), "world": self.world,
-                           "config": dataclasses.asdict(self.cfg)}, f, indent=2)
-            os.replace(tmp, final)
-            done = sorted(d for d in os.listdir(self.ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-            for old in done[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(os.path.join(self.ckpt_dir, old))
-        self._barrier()
-
-    def load_checkpoint(self):
-        """Resume from the newest complete checkpoint; False if there is none."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        if not os.path.isdir(self.ckpt_dir):
-            return False
-        done = sorted(d for d in os.listdir(self.ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        if not done:
-            return False
-        path = os.path.join(self.ckpt_dir, done[-1])
-        with open(os.path.join(path, "trainer.json")) as f:
-            meta = json.load(f)
-        model_sd, optim_sd = get_state_dict(self.model, self.opt)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=os.path.join(path, "state"))
-        set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        self.sched.load_state_dict(meta["scheduler"])
-        self.step, self.position, self.bad_steps = meta["step"], meta["position"], meta["bad_steps"]
-        rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
-        if meta["world"] == self.world and os.path.isfile(rng_path):
-            rng = torch.load(rng_path, weights_only=False)
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"])
-        log_path = os.path.join(self.cfg.out_dir, "metrics.jsonl")
-        if self.rank == 0 and os.path.isfile(log_path):  # forget the steps after the checkpoint
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= self.step]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
-        self.log(f"resumed from {path} (step {self.step})")
-        return True
-
-    def export(self, path):
-        """Write the model in HF format (gathering FSDP shards on rank 0)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank == 0:
-            with torch.device("meta"):
-                shell = Transformer(self.model.config)
-            shell.save_pretrained(path, state_dict=full)
-            self._copy_tokenizer(path)
-        self._barrier()
-
-    def _copy_tokenizer(self, path):
-        """Copy the tokenizer files next to an exported model."""
-        src = self.tok.path if os.path.isdir(self.tok.path) else os.path.dirname(self.tok.path)
-        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copy(os.path.join(src, name), path)
-
-    def _barrier(self):
-        if dist.is_initialized():
-            dist.barrier()
-
-    # -- rollouts ------------------------------------------------------------------------------
-
-    def next_questions(self, k):
-        """This rank's share of the next k questions of the run (k divisible by the world size)."""
-        if k % self.world:
-            raise ValueError(f"data.questions_per_step={k} must be divisible by the {self.world} ranks")
-        idx = range(self.position + self.rank, self.position + k, self.world)
-        self.position += k
-        return [self.questions.get(i) for i in idx]
-
-    def rollout(self):
-        """Generate until the ranks together hold questions_per_step informative groups.
-        -> (this rank's kept groups [(sample, trajectories, rewards)], stats)."""
-        cfg, n = self.cfg, self.cfg.rl.n
-        want = cfg.data.questions_per_step
-        kept, seen, stats = [], [], dict(dropped=0, rounds=0, rollout_s=0.0, gen_tokens=0)
-        with generation_mode(self.model, self.fsdp):
-            e = cfg.engine
-            engine = Engine(self.model, num_blocks=e.num_blocks or None, block_size=e.block_size,
-                            max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-                            gpu_memory_utilization=e.gpu_memory_utilization,
-                            cuda_graphs=e.cuda_graphs and not self.fsdp,  # FSDP's hooks fork streams
-                            seed=cfg.seed * 7919 + self.step)
-            agent = MemoryAgent(engine, self.tok, **self.agent_kw)
-            for _ in range(cfg.rl.max_rounds):
-                t0 = time.perf_counter()
-                # the agent seeds each turn from (this, sample index on this rank, rollout, turn)
-                params = SamplingParams(temperature=cfg.rl.temperature, top_p=cfg.rl.top_p,
-                                        seed=hash((cfg.seed, self.position, self.rank)) & 0x7FFFFFFF)
-                samples = self.next_questions(want)
-                trajs = agent.run(samples, n=n, params=params)
-                stats["rollout_s"] += time.perf_counter() - t0
-                stats["rounds"] += 1
-                for i, s in enumerate(samples):
-                    group = trajs[i * n:(i + 1) * n]
-                    rewards = [float(self.reward_fn(s, t)) for t in group]
-                    if cfg.rl.overlong_buffer:
-                        lengths = [len(t.conversations[-1].response_ids) if t.answer_text is not None else 0
-                                   for t in group]
-                        pen = dapo.overlong_penalty(lengths, cfg.agent.answer_tokens, cfg.rl.overlong_buffer)
-                        rewards = [r + p for r, p in zip(rewards, pen.tolist())]
-                    seen.append((s, group, rewards))
-                    informative = min(rewards) != max(rewards)
-                    if informative or not cfg.rl.dynamic_sampling:
-                        kept.append((s, group, rewards))
-                    else:
-                        stats["dropped"] += 1
-                counts = all_sum([len(kept) if r == self.rank else 0 for r in range(self.world)], self.device)
-                if sum(counts) >= want or not cfg.rl.dynamic_sampling:
-                    break
-            stats["gen_tokens"] = sum(t.tokens_generated for _, g, _ in seen for t in g)
-            stats["prefill_tokens"] = engine.stats["prefill_tokens"]
-            stats["prefix_cache_tokens"] = engine.blocks.cache_hits
-            del engine, agent
-        # keep the first `want` groups in rank order, so every rank agrees on the batch
-        offset = int(sum(counts[:self.rank]))
-        kept = kept[:max(0, want - offset)]
-        stats["kept"] = int(min(sum(counts), want))
-        stats["dropped"] = int(all_sum([stats["dropped"]], self.device)[0])
-        stats["seen"] = seen
-        return kept, stats
-
-    # -- one optimizer update --------------------------------------------------------------------
-
-    def _forward(self, mb, model, **kw):
+    def forward(self, mb, model=None, **kw):
         with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
-            return model(mb.input_ids, mb.position_ids, target_ids=mb.target_ids, **kw)
+            return (model or self.model)(mb.input_ids, mb.position_ids, target_ids=mb.target_ids, **kw)
 
     def micro_batches(self, rows):
         """Pack this rank's rows. Under FSDP every rank must run as many forwards as the others
@@ -579,150 +677,288 @@ class Trainer:
     @torch.no_grad()
     def recompute_old_logprobs(self, mbs):
         """pi_old under the weights before this step's first update, in place of the engine's
-        behaviour log-probs; returns the mean |behaviour - recomputed| (how far they drift)."""
+        behaviour log-probs; -> summed |behaviour - recomputed| and token count (their drift)."""
         diff, count = 0.0, 0
         for mb in mbs:
-            lp = self._forward(mb or self._empty(), self.model, temperature=self.cfg.rl.temperature).float()
-            if mb is None:
-                continue
-            diff += float((lp - mb.old_logprobs)[mb.mask].abs().sum())
-            count += mb.num_tokens
-            mb.old_logprobs = torch.where(mb.mask, lp, 0.0)
+            lp = self.forward(mb or self._empty(), temperature=self.cfg.rl.temperature).float()
+            if mb is not None:
+                diff += float((lp - mb.old_logprobs)[mb.mask].abs().sum())
+                count += mb.num_tokens
+                mb.old_logprobs = torch.where(mb.mask, lp, 0.0)
         return diff, count
 
+    def _loss(self, mb, n_tok, n_seq, sums):
+        """This micro-batch's share of the step loss (RL: DAPO + KL; SFT: next-token NLL)."""
+        cfg, rl = self.cfg, self.cfg.rl
+        sft = cfg.algo == "sft"
+        logp, ent = self.forward(mb, temperature=1.0 if sft else rl.temperature, return_entropy=True)
+        if sft:
+            return dapo.aggregate(-logp, mb.mask, num_tokens=n_tok, dp_size=self.world), \
+                {"entropy": float(ent[mb.mask].mean())}
+        if rl.mini_batches == 1:  # the current weights are pi_old: ratio 1, gradient exact
+            sums["rollout_logp_diff"] += float((logp.detach() - mb.old_logprobs)[mb.mask].abs().sum()) / n_tok
+            old = logp.detach()
+        else:
+            old = mb.old_logprobs
+        ref = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref = self.forward(mb, self.ref, temperature=rl.temperature)
+        return dapo.policy_loss(
+            logp, old, mb.advantages, mb.mask, clip_low=rl.clip_low, clip_high=rl.clip_high, clip_c=rl.clip_c,
+            agg=rl.loss_agg, num_tokens=n_tok, num_seqs=n_seq, dp_size=self.world, segment_ids=mb.segment_ids,
+            ref_logprobs=ref, kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator, entropy=ent)
+
     def update(self, mbs):
-        """One optimizer step over micro-batches (RL: with advantages and old log-probs; SFT: plain
-        next-token loss on the responses). -> metrics, or None if no rank has a token to learn."""
-        cfg, sft = self.cfg, self.cfg.algo == "sft"
-        n_tok, n_seq = all_sum([sum(mb.num_tokens for mb in mbs if mb), sum(mb.num_seqs for mb in mbs if mb)],
-                               self.device)
+        """One optimizer step over micro-batches. -> metrics, or None if no rank has a token to learn."""
+        counts = all_sum({"tokens": sum(mb.num_tokens for mb in mbs if mb),
+                          "seqs": sum(mb.num_seqs for mb in mbs if mb)}, self.device)
+        n_tok, n_seq = counts["tokens"], counts["seqs"]
         if n_tok == 0:
             return None
         self.model.train()
-        sums = {}  # token-weighted metric sums over this rank's micro-batches, / global tokens
-
-        def add(key, value):
-            sums[key] = sums.get(key, 0.0) + value
-
+        sums = {"loss": 0.0, "rollout_logp_diff": 0.0} if self.cfg.algo == "rl" and \
+            self.cfg.rl.mini_batches == 1 else {"loss": 0.0}  # token-weighted sums, / global tokens
         for i, mb in enumerate(mbs):
             if self.fsdp:  # reduce-scatter gradients once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(mbs) - 1)
-            empty = mb is None or mb.num_tokens == 0
-            mb = mb or self._empty()
-            logp, ent = self._forward(mb, self.model, temperature=1.0 if sft else cfg.rl.temperature,
-                                      return_entropy=True)
-            if empty:
-                loss, m = logp.sum() * 0.0, {}
-            elif sft:
-                loss = dapo.aggregate(-logp, mb.mask, num_tokens=n_tok, dp_size=self.world)
-                m = {"entropy": float(ent[mb.mask].mean())}
-            else:
-                if cfg.rl.mini_batches == 1:  # the current weights are pi_old: ratio 1, gradient exact
-                    add("rollout_logp_diff", float((logp.detach() - mb.old_logprobs)[mb.mask].abs().sum()) / n_tok)
-                    old = logp.detach()
-                else:
-                    old = mb.old_logprobs
-                ref = None
-                if self.ref is not None:
+            if mb is None or mb.num_tokens == 0:
+                loss, m = self.forward(self._empty())[0].sum() * 0.0, {}
+                if self.ref is not None and self.fsdp:  # the sharded reference all-gathers too
                     with torch.no_grad():
-                        ref = self._forward(mb, self.ref, temperature=cfg.rl.temperature)
-                loss, m = dapo.policy_loss(
-                    logp, old, mb.advantages, mb.mask, clip_low=cfg.rl.clip_low, clip_high=cfg.rl.clip_high,
-                    clip_c=cfg.rl.clip_c, agg=cfg.rl.loss_agg, num_tokens=n_tok, num_seqs=n_seq,
-                    dp_size=self.world, segment_ids=mb.segment_ids, ref_logprobs=ref, kl_coef=cfg.rl.kl_coef,
-                    kl_estimator=cfg.rl.kl_estimator, entropy=ent)
+                        self.forward(self._empty(), self.ref)
+            else:
+                loss, m = self._loss(mb, n_tok, n_seq, sums)
             loss.backward()
-            add("loss", float(loss.detach()) / self.world)  # the ranks' shares average to the step loss
+            sums["loss"] += float(loss.detach()) / self.world  # the ranks' shares average to the step loss
             for k, v in m.items():
-                add(k, v * mb.num_tokens / n_tok)
+                sums[k] = sums.get(k, 0.0) + v * mb.num_tokens / n_tok
         sync_gradients(self.model, self.world, self.fsdp)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        keys = sorted(sums)
-        if dist.is_initialized():  # a rank without rows (the others filled the batch) has "loss" alone
-            every = [None] * self.world
-            dist.all_gather_object(every, keys)
-            keys = sorted(set().union(*every))
-        metrics = dict(zip(keys, all_sum([sums.get(k, 0.0) for k in keys], self.device)))
-        metrics["grad_norm"] = grad_norm
+        metrics = dict(all_sum(sums, self.device), grad_norm=grad_norm)
         if not (math.isfinite(grad_norm) and math.isfinite(metrics["loss"])):
-            self.opt.zero_grad(set_to_none=True)
             metrics["skipped"] = 1
-            return metrics
-        self.opt.step()
+        else:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return metrics
 
-    # -- steps ---------------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------------
+# rollouts and their metrics
+
+def rollout_metrics(seen):
+    """Sums over every generated group [(sample, trajectories, rewards)], reduced across ranks by key:
+    what the policy really does, not only the kept groups."""
+    trajs = [t for _, g, _ in seen for t in g]
+    memories = [c for t in trajs for c in t.conversations if not c.is_final]
+    answers = [t for t in trajs if t.answer_text is not None]
+    return {
+        "reward": sum(r for _, _, rs in seen for r in rs), "trajectories": len(trajs),
+        "accuracy": sum(tasks.score(s, t.answer) for s, g, _ in seen for t in g),
+        "memory_len": sum(len(c.response_ids) for c in memories), "memory_updates": len(memories),
+        "memory_capped": sum(c.finish_reason == "length" for c in memories),
+        "answer_len": sum(len(t.conversations[-1].response_ids) for t in answers if t.conversations),
+        "answers": len(answers), "no_boxed": sum(t.answer is None for t in answers),
+        "turns": sum(t.turns for t in trajs), "errors": sum(t.error is not None for t in trajs),
+        "gen_tokens": sum(t.tokens_generated for t in trajs),
+    }
+
+
+def per_step(sums, rollout_s):
+    """Means and rates from the summed rollout metrics."""
+    n = max(sums["trajectories"], 1)
+    return dict(reward=sums["reward"] / n, accuracy=sums["accuracy"] / n, turns=sums["turns"] / n,
+                errors=sums["errors"], memory_len=sums["memory_len"] / max(sums["memory_updates"], 1),
+                memory_capped_frac=sums["memory_capped"] / max(sums["memory_updates"], 1),
+                answer_len=sums["answer_len"] / max(sums["answers"], 1),
+                no_boxed_frac=sums["no_boxed"] / max(sums["answers"], 1), gen_tokens=sums["gen_tokens"],
+                prefill_tokens=sums["prefill_tokens"], prefix_cache_tokens=sums["prefix_cache_tokens"],
+                gen_tokens_per_s=sums["gen_tokens"] / max(rollout_s, 1e-9))
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer: a step is rollout -> advantages -> rows -> updates; train() is the whole loop
+
+class Trainer:
+    def __init__(self, cfg: Config, reward_fn=None):
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed()
+        torch.manual_seed(cfg.seed + self.rank)
+        if cfg.data.questions_per_step % self.world:
+            raise ValueError(f"data.questions_per_step={cfg.data.questions_per_step} must be divisible by "
+                             f"the {self.world} ranks")
+        self.tok = build_tokenizer(cfg, self.rank)
+        self.learner = Learner(cfg, self.world, self.device, self.tok.vocab_size)
+        self.model, self.opt, self.sched = self.learner.model, self.learner.opt, self.learner.sched
+        self.questions = Questions(cfg, self.tok)
+        self.held_out = self._held_out() if cfg.eval.every else []
+        self.reward_fn = reward_fn or self._reward
+        self.step, self.position, self.bad_steps = 0, 0, 0
+        self.checkpoints = Checkpointer(cfg, self.rank, self.world)
+
+    def _reward(self, sample, traj):
+        if self.cfg.rl.reward == "sample":
+            return tasks.score(sample, traj.answer)
+        return tasks.boxed_em(traj.answer, sample.answers, all_of=sample.meta.get("scorer") == "string_match_all")
+
+    def log(self, *args):
+        if self.rank == 0:
+            print(*args, flush=True)
+
+    def next_questions(self, k):
+        """This rank's share of the next k questions of the run."""
+        idx = range(self.position + self.rank, self.position + k, self.world)
+        self.position += k
+        return [self.questions.get(i) for i in idx]
+
+    def engine(self):
+        e = self.cfg.engine
+        return Engine(self.model, num_blocks=e.num_blocks or None, block_size=e.block_size,
+                      max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+                      gpu_memory_utilization=e.gpu_memory_utilization,
+                      cuda_graphs=e.cuda_graphs and not self.learner.fsdp,  # FSDP's hooks fork streams
+                      seed=derive_seed(self.cfg.seed, self.step))
+
+    def rollout(self):
+        """Rounds of n rollouts per question until the ranks together hold questions_per_step
+        informative groups (dapo.sample_groups). -> (this rank's kept groups [(sample, trajectories,
+        rewards)] in rank order, every group seen, stats)."""
+        cfg, want = self.cfg, self.cfg.data.questions_per_step
+        t0 = time.perf_counter()
+        with generation_mode(self.model, self.learner.fsdp):
+            engine = self.engine()
+            agent = MemoryAgent(engine, self.tok, cfg.agent)
+
+            def generate():
+                params = SamplingParams(temperature=cfg.rl.temperature, top_p=cfg.rl.top_p,
+                                        seed=derive_seed(cfg.seed, self.position, self.rank))
+                samples = self.next_questions(want)
+                trajs = agent.run(samples, n=cfg.rl.n, params=params)
+                groups = [trajs[i * cfg.rl.n:(i + 1) * cfg.rl.n] for i in range(len(samples))]
+                return [((s, g), self._rewards(s, g)) for s, g in zip(samples, groups)]
+
+            count = lambda kept: all_sum({"kept": len(kept)}, self.device)["kept"]
+            kept, seen, rounds = dapo.sample_groups(generate, want, cfg.rl.max_rounds, cfg.rl.dynamic_sampling,
+                                                    count=count)
+            stats = dict(prefill_tokens=engine.stats["prefill_tokens"], prefix_cache_tokens=engine.blocks.cache_hits)
+        # keep the first `want` groups in rank order, so every rank agrees on the batch
+        counts = all_sum({f"rank{r}": len(kept) if r == self.rank else 0 for r in range(self.world)}, self.device)
+        offset = int(sum(counts[f"rank{r}"] for r in range(self.rank)))
+        kept = kept[:max(0, want - offset)]
+        total = sum(counts.values())
+        stats.update(kept_groups=min(total, want), rounds=rounds, rollout_s=time.perf_counter() - t0,
+                     dropped_groups=all_sum({"d": len(seen) - len(kept)}, self.device)["d"] - max(0, total - want))
+        as_triples = lambda groups: [(s, g, r) for (s, g), r in groups]
+        return as_triples(kept), as_triples(seen), stats
+
+    def _rewards(self, sample, group):
+        rewards = [float(self.reward_fn(sample, t)) for t in group]
+        if self.cfg.rl.overlong_buffer:
+            lengths = [len(t.conversations[-1].response_ids) if t.answer_text is not None else 0 for t in group]
+            pen = dapo.overlong_penalty(lengths, self.cfg.agent.answer_tokens, self.cfg.rl.overlong_buffer)
+            rewards = [r + p for r, p in zip(rewards, pen.tolist())]
+        return rewards
 
     def rl_step(self):
         cfg = self.cfg
         self.model.eval()
-        kept, st = self.rollout()
-        seen = st.pop("seen")
+        kept, seen, st = self.rollout()
         t0 = time.perf_counter()
         trajs = [t for _, g, _ in kept for t in g]
-        rewards = [r for _, _, rs in kept for r in rs]
         groups = [i for i, (_, g, _) in enumerate(kept) for _ in g]
-        adv = dapo.group_advantages(rewards, groups, norm_by_std=cfg.rl.norm_by_std)
+        adv = dapo.group_advantages([r for _, _, rs in kept for r in rs], groups, norm_by_std=cfg.rl.norm_by_std)
         rows = dapo.rows_from_trajectories(trajs, adv.tolist())
         order = np.random.default_rng([cfg.seed, self.step]).permutation(len(rows))
-        parts = np.array_split(order, cfg.rl.mini_batches)
-        mini = [self.micro_batches([rows[i] for i in part]) for part in parts]
-        drift = [0.0, 0]
+        mini = [self.learner.micro_batches([rows[i] for i in part])
+                for part in np.array_split(order, cfg.rl.mini_batches)]
+        m = {}
         if cfg.rl.mini_batches > 1:
-            for mbs in mini:
-                d, c = self.recompute_old_logprobs(mbs)
-                drift = [drift[0] + d, drift[1] + c]
-        logprob_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        updates = [u for u in (self.update(mbs) for mbs in mini) if u]
+            drift = [self.learner.recompute_old_logprobs(mbs) for mbs in mini]
+            d = all_sum({"diff": sum(x for x, _ in drift), "n": sum(n for _, n in drift)}, self.device)
+            m["rollout_logp_diff"] = d["diff"] / max(d["n"], 1)
+        logprob_s, t0 = time.perf_counter() - t0, time.perf_counter()
+        updates = [u for u in (self.learner.update(mbs) for mbs in mini) if u]
         update_s = time.perf_counter() - t0
-        m = {k: float(np.mean([u[k] for u in updates if k in u])) for u in updates for k in u}
-        if cfg.rl.mini_batches > 1:
-            d, c = all_sum(drift, self.device)
-            m["rollout_logp_diff"] = d / max(c, 1)
-        # everything the rollout saw, not only the kept groups: the policy's honest accuracy
-        all_trajs = [t for _, g, _ in seen for t in g]
-        score = [tasks.score(s, t.answer) for s, g, _ in seen for t in g]
-        mem_lens = [len(c.response_ids) for t in all_trajs for c in t.conversations if not c.is_final]
-        ans_lens = [len(c.response_ids) for t in all_trajs for c in t.conversations if c.is_final]
-        sums = all_sum([sum(r for _, _, rs in seen for r in rs), len(all_trajs), sum(score), sum(mem_lens),
-                        len(mem_lens), sum(ans_lens), len(ans_lens), sum(t.turns for t in all_trajs),
-                        st["gen_tokens"], st["prefix_cache_tokens"], sum(len(r) for r in rows),
-                        sum(t.error is not None for t in all_trajs), st["prefill_tokens"]], self.device)
-        adv_sums = all_sum([float(adv.sum()), float((adv ** 2).sum()), len(adv)], self.device)
-        n = max(sums[1], 1)
-        m.update(reward=sums[0] / n, accuracy=sums[2] / n, memory_len=sums[3] / max(sums[4], 1),
-                 answer_len=sums[5] / max(sums[6], 1), turns=sums[7] / n, kept_groups=st["kept"],
-                 dropped_groups=st["dropped"], rounds=st["rounds"], rollout_s=st["rollout_s"],
-                 logprob_s=logprob_s, update_s=update_s, gen_tokens_per_s=sums[8] / max(st["rollout_s"], 1e-9),
-                 prefix_cache_tokens=sums[9], train_tokens=sums[10], errors=sums[11], gen_tokens=sums[8],
-                 prefill_tokens=sums[12],
-                 adv_mean=adv_sums[0] / max(adv_sums[2], 1),
-                 adv_std=math.sqrt(max(adv_sums[1] / max(adv_sums[2], 1) - (adv_sums[0] / max(adv_sums[2], 1)) ** 2, 0)),
-                 train_tokens_per_s=sums[10] / max(update_s + logprob_s, 1e-9))
+        m.update({k: float(np.mean([u[k] for u in updates if k in u])) for u in updates for k in u})
+        sums = all_sum(dict(rollout_metrics(seen), prefill_tokens=st.pop("prefill_tokens"),
+                            prefix_cache_tokens=st.pop("prefix_cache_tokens"), train_tokens=sum(map(len, rows)),
+                            adv_sum=float(adv.sum()), adv_sq=float((adv ** 2).sum()), adv_n=len(adv)), self.device)
+        adv_mean = sums["adv_sum"] / max(sums["adv_n"], 1)
+        m.update(per_step(sums, st["rollout_s"]), **st, logprob_s=logprob_s, update_s=update_s,
+                 train_tokens=sums["train_tokens"], adv_mean=adv_mean,
+                 adv_std=math.sqrt(max(sums["adv_sq"] / max(sums["adv_n"], 1) - adv_mean ** 2, 0)),
+                 train_tokens_per_s=sums["train_tokens"] / max(update_s + logprob_s, 1e-9))
         return m
 
     def sft_step(self):
         cfg = self.cfg
         t0 = time.perf_counter()
-        if self.step < cfg.data.copy_warmup_steps:  # one micro-batch of 128-token rows per rank
-            num = max(1, cfg.optim.micro_batch_tokens // 129)
-            rows = copy_rows(num, 128, self.tok.vocab_size, seed=[cfg.seed, self.step, self.rank])
+        if self.step < cfg.data.copy_warmup_steps:  # one micro-batch of copy rows per rank
+            num = max(1, cfg.optim.micro_batch_tokens // (COPY_ROW_TOKENS + 1))
+            rows = copy_rows(num, COPY_ROW_TOKENS, self.tok.vocab_size, seed=[cfg.seed, self.step, self.rank],
+                             first_text_id=max(self.tok.special.values(), default=-1) + 1)
         else:
-            agent = MemoryAgent(None, self.tok, **self.agent_kw)
+            agent = MemoryAgent(None, self.tok, cfg.agent)
             rows = [r for s in self.next_questions(cfg.data.questions_per_step)
                     for r in teacher_rows(s, agent, self.tok, cfg.data.sft_direct)]
-        m = self.update(self.micro_batches(rows)) or {}
-        tokens = all_sum([sum(len(r) for r in rows)], self.device)[0]
+        m = self.learner.update(self.learner.micro_batches(rows)) or {}
+        tokens = all_sum({"t": sum(len(r) for r in rows)}, self.device)["t"]
         m.update(update_s=time.perf_counter() - t0, train_tokens=tokens,
                  train_tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
         return m
 
+    def _held_out(self):
+        """The validation questions: eval.samples per task x length, drawn with eval.seed."""
+        e, d = self.cfg.eval, self.cfg.data
+        source = e.tasks or d.tasks
+        fixed = load_task_source(source, self.tok, d.hotpot_docs, e.seed)
+        if fixed is not None:
+            return fixed[:e.samples]
+        lengths = (e.lengths or d.lengths).split(",")
+        return [s for t in source.split(",") for n in lengths for s in tasks.make_samples(t, n, self.tok, e.samples, e.seed)]
+
+    def validate(self):
+        """Held-out accuracy with the live policy, each rank a share of the questions; by task too."""
+        e = self.cfg.eval
+        share = self.held_out[self.rank::self.world]
+        self.model.eval()
+        with generation_mode(self.model, self.learner.fsdp):
+            agent = MemoryAgent(self.engine(), self.tok, self.cfg.agent, keep_conversations=False)
+            params = SamplingParams(temperature=e.temperature, top_p=e.top_p, seed=derive_seed(e.seed, self.rank))
+            trajs = agent.run(share, n=e.n, params=params)
+        sums = {}
+        for i, t in enumerate(trajs):
+            s = share[i // e.n]
+            for key in ("val_accuracy", f"val_accuracy/{s.meta.get('task', 'data')}"):
+                sums[key] = sums.get(key, 0.0) + tasks.score(s, t.answer)
+                sums[key + "/n"] = sums.get(key + "/n", 0) + 1
+        sums = all_sum(sums, self.device)
+        return {k: v / sums[k + "/n"] for k, v in sums.items() if not k.endswith("/n")}
+
+    def load_checkpoint(self):
+        """Resume from the newest intact checkpoint; False if there is none."""
+        state = self.checkpoints.load(self.model, self.opt, self.sched)
+        if state is None:
+            return False
+        self.step, self.position, self.bad_steps = state["step"], state["position"], state["bad_steps"]
+        self.trained_agent = AgentConfig(**state["agent"])
+        return True
+
+    def save_checkpoint(self):
+        return self.checkpoints.save(self.model, self.opt, self.sched,
+                                     dict(step=self.step, position=self.position, bad_steps=self.bad_steps))
+
     def train(self):
+        self.checkpoints.claim_out_dir()
+        try:
+            return self._train()
+        finally:
+            self.checkpoints.release_out_dir()
+
+    def _train(self):
         cfg = self.cfg
-        os.makedirs(cfg.out_dir, exist_ok=True)
         # torch.distributed.checkpoint notes that it saves in one process when there is one; the LR
         # schedule counts RL steps, including those whose groups were all dropped (no optimizer step)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -730,14 +966,12 @@ class Trainer:
         if cfg.resume:
             self.load_checkpoint()
         if cfg.export:
-            self.export(cfg.export)
-            self.log(f"exported to {cfg.export}")
+            self.checkpoints.export(self.model, self.tok, self.trained_agent, cfg.export)
+            self.log(f"exported step {self.step} of {cfg.out_dir} to {cfg.export}")
             return []
         self.log(json.dumps(dataclasses.asdict(cfg), indent=2))
-        n_params = sum(p.numel() for p in self.model.parameters())
-        self.log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters, world {self.world}, "
-                 f"{'fsdp' if self.fsdp else 'ddp'}, device {self.device}")
-        log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.log(f"model {cfg.model}: {self.model.num_params() / 1e6:.2f}M parameters, world {self.world}, "
+                 f"{'fsdp' if self.learner.fsdp else 'ddp'}, device {self.device}")
         tb = _tensorboard(cfg.out_dir) if self.rank == 0 else None
         bar = None
         if self.rank == 0 and cfg.progress:
@@ -751,21 +985,15 @@ class Trainer:
             m = self.rl_step() if cfg.algo == "rl" else self.sft_step()
             self.step += 1
             self.sched.step()
+            if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
+                m.update(self.validate())
             m.update(step=self.step, lr=self.sched.get_last_lr()[0], step_s=time.perf_counter() - t0,
                      peak_mem_gb=(torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                                   else _rss_bytes()) / 2**30)
             self.bad_steps = self.bad_steps + 1 if m.get("skipped") else 0
             history.append(m)
             if self.rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                if tb:
-                    for k, v in m.items():
-                        tb.add_scalar(k, v, self.step)
-                if bar:
-                    bar.update(1)
-                    keys = ("reward", "accuracy", "loss", "gen_tokens_per_s") if cfg.algo == "rl" else ("loss",)
-                    bar.set_postfix({k: f"{m[k]:.3g}" for k in keys if k in m})
+                self._log_step(m, tb, bar)
             if self.bad_steps:
                 self.log(f"step {self.step}: non-finite loss or gradient, update skipped")
                 if self.bad_steps >= cfg.max_bad_steps:
@@ -774,23 +1002,37 @@ class Trainer:
                 self.save_checkpoint()
         if bar:
             bar.close()
+        self.log(summary(cfg, history, self.checkpoints.newest()))
         return history
 
+    def _log_step(self, m, tb, bar):
+        with open(self.checkpoints.metrics, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if tb:
+            for k, v in m.items():
+                tb.add_scalar(k, v, self.step)
+        if bar:
+            bar.update(1)
+            keys = ("reward", "accuracy", "val_accuracy", "loss") if self.cfg.algo == "rl" else ("loss",)
+            bar.set_postfix({k: f"{m[k]:.3g}" for k in keys if k in m})
 
-def tiny_corpus(num=400):
-    """Text for the tiny tokenizer: the synthetic tasks' documents and questions, the templates."""
-    from memory_agent import TEMPLATES
 
-    class Words:  # counts by whitespace, enough to size documents for tokenizer training
-        def encode(self, text):
-            return text.split()
-
-    out = [t for tmpl in TEMPLATES.values() for t in tmpl.values()]
-    for i in range(num):
-        name = sorted(tasks.TASKS)[i % len(tasks.TASKS)]
-        s = tasks.TASKS[name](600, Words(), seed=12345, index=i)
-        out += [s.question, "".join(tasks.document_pieces(s)), "\\boxed{" + ", ".join(s.answers) + "}"]
-    return out
+def summary(cfg, history, checkpoints):
+    """What the run did and what to do next: the last lines a run prints."""
+    lines = [f"done: {len(history)} {cfg.algo} steps in this run, now at step {cfg.steps}"]
+    for key in ("reward", "accuracy", "val_accuracy", "loss"):
+        values = [m[key] for m in history if key in m]
+        if values:
+            k = min(10, len(values))
+            lines.append(f"  {key}: {np.mean(values[:k]):.3f} over the first {k} steps logged, "
+                         f"{np.mean(values[-k:]):.3f} over the last {k}")
+    if checkpoints:
+        args = " ".join(a for a in sys.argv[1:] if a != "--resume" and not a.startswith("--export"))
+        lines += [f"newest checkpoint: {os.path.join(cfg.out_dir, 'checkpoints', checkpoints[-1])}",
+                  "export it (HF format, with its tokenizer and agent.json), then evaluate it:",
+                  f"  python train.py {args} --resume --export=EXPORT_DIR",
+                  "  python eval.py --model EXPORT_DIR --tasks TASKS --lengths LENGTHS"]
+    return "\n".join(lines)
 
 
 def _rss_bytes():
@@ -807,7 +1049,11 @@ def _tensorboard(out_dir):
 
 
 def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_config(argv)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train.py: {e}")
     try:
         Trainer(cfg).train()
     finally:

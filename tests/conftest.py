@@ -24,3 +24,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """One small sentencepiece tokenizer for every training run of the suite (training it is the
+    slow part of a tiny start)."""
+    import train
+    from tokenizer import train_sentencepiece
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    train_sentencepiece(train.tiny_corpus(num=80), 512, path)
+    return str(path)
