@@ -592,6 +592,7 @@ class Engine:
         seq = self.requests.pop(request_id, None)
         if seq is not None:
             self.scheduler.abort(seq)
+        self.rejected = [c for c in self.rejected if c.request_id != request_id]
 
     def has_unfinished(self):
         return bool(self.requests or self.rejected)

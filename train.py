@@ -548,6 +548,17 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------
 # data: the i-th question of the run is a pure function of (config, i)
 
+def held_out_samples(cfg, tok):
+    """The validation questions: eval.samples per task x length, drawn with eval.seed."""
+    e, d = cfg.eval, cfg.data
+    source = e.tasks or d.tasks
+    fixed = load_task_source(source, tok, d.hotpot_docs, e.seed)
+    if fixed is not None:
+        return fixed[:e.samples]
+    lengths = (e.lengths or d.lengths).split(",")
+    return [s for t in source.split(",") for n in lengths for s in tasks.make_samples(t, n, tok, e.samples, e.seed)]
+
+
 def load_task_source(spec, tok, hotpot_docs, seed):
     """`jsonl:FILE` or `hotpotqa:FILE` -> its samples; a comma list of task names -> None (generated)."""
     if spec.startswith("jsonl:"):
@@ -748,6 +759,24 @@ class Learner:
 # --------------------------------------------------------------------------------------------
 # rollouts and their metrics
 
+def make_engine(cfg, model, fsdp, step):
+    e = cfg.engine
+    return Engine(model, num_blocks=e.num_blocks or None, block_size=e.block_size, max_num_seqs=e.max_num_seqs,
+                  max_num_batched_tokens=e.max_num_batched_tokens, gpu_memory_utilization=e.gpu_memory_utilization,
+                  cuda_graphs=e.cuda_graphs and not fsdp,  # FSDP's hooks fork streams
+                  seed=derive_seed(cfg.seed, step))
+
+
+def shaped_rewards(cfg, reward_fn, sample, group):
+    """Each trajectory's reward, plus DAPO's overlong penalty on its final answer when enabled."""
+    rewards = [float(reward_fn(sample, t)) for t in group]
+    if cfg.rl.overlong_buffer:
+        lengths = [len(t.conversations[-1].response_ids) if t.answer_text is not None else 0 for t in group]
+        pen = dapo.overlong_penalty(lengths, cfg.agent.answer_tokens, cfg.rl.overlong_buffer)
+        rewards = [r + p for r, p in zip(rewards, pen.tolist())]
+    return rewards
+
+
 def rollout_metrics(seen):
     """Sums over every generated group [(sample, trajectories, rewards)], reduced across ranks by key:
     what the policy really does, not only the kept groups."""
@@ -793,7 +822,7 @@ class Trainer:
         self.learner = Learner(cfg, self.world, self.device, self.tok.vocab_size)
         self.model, self.opt, self.sched = self.learner.model, self.learner.opt, self.learner.sched
         self.questions = Questions(cfg, self.tok)
-        self.held_out = self._held_out() if cfg.eval.every else []
+        self.held_out = held_out_samples(cfg, self.tok) if cfg.eval.every else []
         self.reward_fn = reward_fn or self._reward
         self.step, self.position, self.bad_steps = 0, 0, 0
         self.checkpoints = Checkpointer(cfg, self.rank, self.world)
@@ -813,14 +842,6 @@ class Trainer:
         self.position += k
         return [self.questions.get(i) for i in idx]
 
-    def engine(self):
-        e = self.cfg.engine
-        return Engine(self.model, num_blocks=e.num_blocks or None, block_size=e.block_size,
-                      max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-                      gpu_memory_utilization=e.gpu_memory_utilization,
-                      cuda_graphs=e.cuda_graphs and not self.learner.fsdp,  # FSDP's hooks fork streams
-                      seed=derive_seed(self.cfg.seed, self.step))
-
     def rollout(self):
         """Rounds of n rollouts per question until the ranks together hold questions_per_step
         informative groups (dapo.sample_groups). -> (this rank's kept groups [(sample, trajectories,
@@ -828,7 +849,7 @@ class Trainer:
         cfg, want = self.cfg, self.cfg.data.questions_per_step
         t0 = time.perf_counter()
         with generation_mode(self.model, self.learner.fsdp):
-            engine = self.engine()
+            engine = make_engine(self.cfg, self.model, self.learner.fsdp, self.step)
             agent = MemoryAgent(engine, self.tok, cfg.agent)
 
             def generate():
@@ -837,7 +858,7 @@ class Trainer:
                 samples = self.next_questions(want)
                 trajs = agent.run(samples, n=cfg.rl.n, params=params)
                 groups = [trajs[i * cfg.rl.n:(i + 1) * cfg.rl.n] for i in range(len(samples))]
-                return [((s, g), self._rewards(s, g)) for s, g in zip(samples, groups)]
+                return [((s, g), shaped_rewards(cfg, self.reward_fn, s, g)) for s, g in zip(samples, groups)]
 
             count = lambda kept: all_sum({"kept": len(kept)}, self.device)["kept"]
             kept, seen, rounds = dapo.sample_groups(generate, want, cfg.rl.max_rounds, cfg.rl.dynamic_sampling,
@@ -852,14 +873,6 @@ class Trainer:
                      dropped_groups=all_sum({"d": len(seen) - len(kept)}, self.device)["d"] - max(0, total - want))
         as_triples = lambda groups: [(s, g, r) for (s, g), r in groups]
         return as_triples(kept), as_triples(seen), stats
-
-    def _rewards(self, sample, group):
-        rewards = [float(self.reward_fn(sample, t)) for t in group]
-        if self.cfg.rl.overlong_buffer:
-            lengths = [len(t.conversations[-1].response_ids) if t.answer_text is not None else 0 for t in group]
-            pen = dapo.overlong_penalty(lengths, self.cfg.agent.answer_tokens, self.cfg.rl.overlong_buffer)
-            rewards = [r + p for r, p in zip(rewards, pen.tolist())]
-        return rewards
 
     def rl_step(self):
         cfg = self.cfg
@@ -909,23 +922,13 @@ class Trainer:
                  train_tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
         return m
 
-    def _held_out(self):
-        """The validation questions: eval.samples per task x length, drawn with eval.seed."""
-        e, d = self.cfg.eval, self.cfg.data
-        source = e.tasks or d.tasks
-        fixed = load_task_source(source, self.tok, d.hotpot_docs, e.seed)
-        if fixed is not None:
-            return fixed[:e.samples]
-        lengths = (e.lengths or d.lengths).split(",")
-        return [s for t in source.split(",") for n in lengths for s in tasks.make_samples(t, n, self.tok, e.samples, e.seed)]
-
     def validate(self):
         """Held-out accuracy with the live policy, each rank a share of the questions; by task too."""
         e = self.cfg.eval
         share = self.held_out[self.rank::self.world]
         self.model.eval()
         with generation_mode(self.model, self.learner.fsdp):
-            agent = MemoryAgent(self.engine(), self.tok, self.cfg.agent, keep_conversations=False)
+            agent = MemoryAgent(make_engine(self.cfg, self.model, self.learner.fsdp, self.step), self.tok, self.cfg.agent, keep_conversations=False)
             params = SamplingParams(temperature=e.temperature, top_p=e.top_p, seed=derive_seed(e.seed, self.rank))
             trajs = agent.run(share, n=e.n, params=params)
         sums = {}
@@ -993,7 +996,7 @@ class Trainer:
             self.bad_steps = self.bad_steps + 1 if m.get("skipped") else 0
             history.append(m)
             if self.rank == 0:
-                self._log_step(m, tb, bar)
+                log_step(self.checkpoints.metrics, m, tb, bar, self.step)
             if self.bad_steps:
                 self.log(f"step {self.step}: non-finite loss or gradient, update skipped")
                 if self.bad_steps >= cfg.max_bad_steps:
@@ -1005,16 +1008,17 @@ class Trainer:
         self.log(summary(cfg, history, self.checkpoints.newest()))
         return history
 
-    def _log_step(self, m, tb, bar):
-        with open(self.checkpoints.metrics, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        if tb:
-            for k, v in m.items():
-                tb.add_scalar(k, v, self.step)
-        if bar:
-            bar.update(1)
-            keys = ("reward", "accuracy", "val_accuracy", "loss") if self.cfg.algo == "rl" else ("loss",)
-            bar.set_postfix({k: f"{m[k]:.3g}" for k in keys if k in m})
+
+
+def log_step(path, m, tb, bar, step):
+    with open(path, "a") as f:
+        f.write(json.dumps(m) + "\n")
+    if tb:
+        for k, v in m.items():
+            tb.add_scalar(k, v, step)
+    if bar:
+        bar.update(1)
+        bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "val_accuracy", "loss") if k in m})
 
 
 def summary(cfg, history, checkpoints):
