@@ -188,11 +188,12 @@ def prefill_launches(q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block
     Hq, B, block_size = q.shape[1], context_lens.shape[0], k_cache.shape[1]
     block_m = 16 if interpret else 64  # small tiles keep the interpreter's masked work small
     D = q.shape[2]
-    # at D = 128 and 64-key tiles, 4 warps need all 255 registers on sm_80 (one more live value would
-    # spill); 8 warps need 128. num_stages 3 or 4 leave registers and shared memory as they are at 2
-    # (compiled for sm_80 and sm_90 at D = 128, block sizes 16 and 64)
+    # ptxas at D = 128 with 64-key tiles on sm_80: 4 warps take all 255 registers and still spill, 8 warps
+    # spill at 2 or 3 stages (128 registers) and not at 1 (158); sm_90 spills in none of these. So large
+    # heads get 8 warps and 1 stage (bench/compile_kernels.py prints registers and spills per target)
+    big = D >= 128
     meta = dict(G=Hq // k_cache.shape[2], D=D, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=min(block_size, 64),
-                UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=8 if D >= 128 else 4, num_stages=2)
+                UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=8 if big else 4, num_stages=1 if big else 2)
     args = (q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale, q.stride(0), q.stride(1),
             out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             block_tables.stride(0))
