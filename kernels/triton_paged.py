@@ -5,6 +5,8 @@ over cached prefix + themselves (serves prefix-cache hits and chunked prefill); 
 split-KV flash-decoding: one program per (sequence, kv head, split) computes a partial softmax for the
 whole GQA group, and a merge kernel combines the splits. Nothing here reads tensor values on the host,
 so decode can be captured in a CUDA graph. On CPU the kernels run under TRITON_INTERPRET=1.
+Each wrapper runs the Launches (grid, arguments, constexprs, num_warps, num_stages) that its
+*_launches function builds; bench/compile_kernels.py compiles those same launches for GPU targets.
 
 Cache layout: [num_blocks, block_size, Hkv, D], a slot is block_id * block_size + offset. K/V are
 walked one tile of BLOCK_N = min(block_size, 64) positions at a time, a tile never crossing a page.
@@ -257,7 +259,7 @@ def decode_partials(q, splits):
 def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None):
     _check(q, k_cache, v_cache)
     splits = num_splits or default_num_splits(q.shape[0], k_cache.shape[2], block_tables.shape[1], sm_count(q.device))
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the merge writes rows of D
     for launch in decode_launches(q, k_cache, v_cache, *decode_partials(q, splits), out, context_lens, block_tables,
                                   scale, _interpreted(q)):
         launch.run()
