@@ -231,6 +231,10 @@ TINY_CONFIGS = {
     # small enough to learn copying (induction heads) in minutes on 2 CPU cores
     "nano": ModelConfig(vocab_size=2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=16, intermediate_size=128, max_position_embeddings=2048),
+    # "mini" is the multi-hop agent's: 4 layers of width 128 (1.0M parameters), for tasks whose memory
+    # must match keys and follow chains, which two layers of width 64 did poorly
+    "mini": ModelConfig(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                        head_dim=32, intermediate_size=384, max_position_embeddings=2048),
     "tiny": ModelConfig(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                         head_dim=64, intermediate_size=704, max_position_embeddings=2048),
     "micro": ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -49,6 +49,7 @@ class DataConfig:
     shuffle: bool = True  # a file's questions in a fresh seeded order each epoch, or in file order
     # SFT of a model trained from scratch (the embedded tiny agent):
     copy_warmup_steps: int = 0  # first steps train on repeated random text (copy_rows) instead
+    tokenizer_tasks: str = ""  # tasks whose text trains a from-scratch tokenizer (default TOKENIZER_TASKS)
     sft_direct: bool = False  # also teach answering from the whole document (the --mode direct baseline)
 
 
@@ -245,6 +246,9 @@ def validate(cfg, explicit=()):
     for key, ok, what in RULES:
         if not ok(_get(cfg, key)):
             raise ValueError(f"config key '{key}' must be {what}, got {_get(cfg, key)!r}")
+    unknown = [t for t in cfg.data.tokenizer_tasks.split(",") if t and t not in tasks.TASKS]
+    if unknown:
+        raise ValueError(f"config key 'data.tokenizer_tasks': unknown tasks {unknown}; known: {sorted(tasks.TASKS)}")
     if cfg.model not in TINY_CONFIGS and not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"model: '{cfg.model}' is neither a checkpoint directory nor one of "
                                 f"{sorted(TINY_CONFIGS)}")
@@ -398,7 +402,8 @@ def build_tokenizer(cfg, rank):
     # A from-scratch tiny model with no tokenizer given: train one on the task text (seconds).
     path = os.path.join(cfg.out_dir, "tokenizer.model")
     if rank == 0 and not os.path.isfile(path):
-        train_sentencepiece(tiny_corpus(), TINY_CONFIGS[cfg.model].vocab_size, path)
+        names = cfg.data.tokenizer_tasks.split(",") if cfg.data.tokenizer_tasks else TOKENIZER_TASKS
+        train_sentencepiece(tiny_corpus(names=names), TINY_CONFIGS[cfg.model].vocab_size, path)
     barrier()
     return load_tokenizer(path)
 
@@ -639,7 +644,7 @@ TOKENIZER_TASKS = ("fwe", "niah_multikey", "niah_multiquery", "niah_multivalue",
                    "passkey", "vt")
 
 
-def tiny_corpus(num=400):
+def tiny_corpus(num=400, names=TOKENIZER_TASKS):
     """Text for the tiny tokenizer: the synthetic tasks' documents and questions, the templates."""
     from memory_agent import TEMPLATES
 
@@ -649,7 +654,7 @@ def tiny_corpus(num=400):
 
     out = [t for tmpl in TEMPLATES.values() for t in tmpl.values()]
     for i in range(num):
-        name = TOKENIZER_TASKS[i % len(TOKENIZER_TASKS)]
+        name = names[i % len(names)]
         s = tasks.TASKS[name](600, Words(), seed=12345, index=i)
         out += [s.question, "".join(tasks.document_pieces(s)), "\\boxed{" + ", ".join(s.answers) + "}"]
     return out
