@@ -18,10 +18,9 @@ class Tokenizer:
     """encode/decode, special ids and the chat template, over one of two backends."""
 
     def __init__(self, path, chat_template=None):
-        self.path = path
+        self.path, self.sp, self.hf = path, None, None
         file = find_tokenizer_file(path)
         config = read_tokenizer_config(os.path.dirname(file))
-
         if file.endswith(".model"):
             import sentencepiece as spm
             self.sp = spm.SentencePieceProcessor()
@@ -29,13 +28,11 @@ class Tokenizer:
                 self.sp.Load(file)
             except (OSError, RuntimeError) as e:
                 raise ValueError(f"{file}: not a sentencepiece model ({e})") from None
-            self.hf = None
             self.vocab_size = self.sp.GetPieceSize()
             self.special = {self.sp.IdToPiece(i): i for i in range(self.vocab_size)
                             if self.sp.IsControl(i) or self.sp.IsUnknown(i)}
-            self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
-            self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
-            self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+            self.bos_id, self.eos_id, self.pad_id = (
+                None if i < 0 else i for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()))
         elif file.endswith(".json"):
             try:
                 from tokenizers import Tokenizer as HFTokenizer
@@ -47,17 +44,14 @@ class Tokenizer:
             except Exception as e:  # the Rust library raises its own exception type
                 raise ValueError(f"{file}: not a HF tokenizer.json ({e})") from None
             self.hf.encode_special_tokens = True  # '<|im_end|>' inside user text stays text
-            self.sp = None
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
             self.special = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
-            self.bos_id = self._config_token(config, "bos_token")
-            self.eos_id = self._config_token(config, "eos_token")
-            self.pad_id = self._config_token(config, "pad_token")
-            if self.pad_id is None:
-                self.pad_id = self.eos_id
+            self.bos_id, self.eos_id, self.pad_id = (self._config_token(config, f"{k}_token")
+                                                     for k in ("bos", "eos", "pad"))
         else:
             raise ValueError(f"{file}: unknown tokenizer kind (expected tokenizer.model or tokenizer.json)")
-
+        if self.pad_id is None:
+            self.pad_id = self.eos_id
         jinja = config.get("chat_template") or ""
         if isinstance(jinja, list):  # some checkpoints ship several named templates
             jinja = next((t["template"] for t in jinja if t.get("name") == "default"), "")
@@ -72,12 +66,9 @@ class Tokenizer:
 
     def _config_token(self, config, key):
         tok = config.get(key)
-        if isinstance(tok, dict):
-            tok = tok.get("content")
-        if tok is None:
-            return None
-        i = self.hf.token_to_id(tok)
-        if i is None:
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        i = None if tok is None else self.hf.token_to_id(tok)
+        if i is None and tok is not None:
             raise ValueError(f"{self.path}: tokenizer_config.json {key}='{tok}' is not in the vocabulary")
         return i
 
@@ -118,53 +109,49 @@ class Tokenizer:
         check_messages(messages)
         if self.default_system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.default_system}] + list(messages)
-        sp = self.token_id
-
-        def text(before, content, after=""):  # encode before + content + after as one piece of text
-            if isinstance(content, str):
-                return self.encode(before + content + after)
-            return self.encode(before) + list(content) + (self.encode(after) if after else [])
-
-        ids = []
+        if self.template == "llama2":
+            return self._encode_parts(self._llama2(messages))
+        sp, parts = self.token_id, []
         if self.template == "chatml":
             for m in messages:
-                ids += [sp("<|im_start|>")] + text(f"{m['role']}\n", m["content"]) + [sp("<|im_end|>")]
-                ids += self.encode("\n")
-            if add_generation_prompt:
-                ids += [sp("<|im_start|>")] + self.encode("assistant\n")
+                parts += [sp("<|im_start|>"), f"{m['role']}\n", m["content"], sp("<|im_end|>"), "\n"]
+            generation = [sp("<|im_start|>"), "assistant\n"]
         elif self.template == "llama3":
-            ids.append(sp("<|begin_of_text|>"))
+            parts.append(sp("<|begin_of_text|>"))
             for m in messages:
                 content = m["content"].strip() if isinstance(m["content"], str) else m["content"]
-                ids += [sp("<|start_header_id|>")] + self.encode(m["role"]) + [sp("<|end_header_id|>")]
-                ids += text("\n\n", content) + [sp("<|eot_id|>")]
-            if add_generation_prompt:
-                ids += [sp("<|start_header_id|>")] + self.encode("assistant") + [sp("<|end_header_id|>")]
-                ids += self.encode("\n\n")
-        elif self.template == "llama2":
-            ids = self._llama2(messages)
-        else:  # plain: for tiny models trained by this project
+                parts += [sp("<|start_header_id|>"), m["role"], sp("<|end_header_id|>"), "\n\n", content,
+                          sp("<|eot_id|>")]
+            generation = [sp("<|start_header_id|>"), "assistant", sp("<|end_header_id|>"), "\n\n"]
+        else:  # plain, for tiny models trained by this project: [] ends a text run, so each turn is encoded alone
+            parts = [] if self.bos_id is None else [self.bos_id]
             for m in messages:
-                ids += text(f"<{m['role']}>\n", m["content"], "\n")
-                if m["role"] == "assistant":
-                    ids.append(self.eos_id)
-            if add_generation_prompt:
-                ids += self.encode("<assistant>\n")
-            if self.bos_id is not None:
-                ids = [self.bos_id] + ids
-        return ids
+                parts += [f"<{m['role']}>\n", m["content"], "\n", [self.eos_id] if m["role"] == "assistant" else []]
+            generation = ["<assistant>\n"]
+        return self._encode_parts(parts + generation if add_generation_prompt else parts)
 
+    def _encode_parts(self, parts):
+        """Special ids (int) and spliced ids (list) go in as they are; the text (str) between two of
+        them is encoded in one piece, as HF encodes a rendered template."""
+        ids, run = [], ""
+        for p in parts:
+            if isinstance(p, str):
+                run += p
+                continue
+            ids += (self.encode(run) if run else []) + ([p] if isinstance(p, int) else list(p))
+            run = ""
+        return ids + (self.encode(run) if run else [])
 
     def _llama2(self, messages):
         r"""<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]
-        as Llama-2-chat's template renders it: roles alternate user/assistant after an optional
-        system message, string contents are stripped (the system block and the first user message
-        as one string), and the text between two special tokens is encoded in one piece (a separate
-        encode of " {answer} " would add sentencepiece's dummy prefix)."""
+        as Llama-2-chat's template renders it, as parts for _encode_parts: roles alternate
+        user/assistant after an optional system message, string contents are stripped (the system
+        block and the first user message as one string), and the text between two special tokens is
+        one piece (a separate encode of " {answer} " would add sentencepiece's dummy prefix)."""
         system = None
         if messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
-        parts = []  # special ids (int), text (str) and spliced ids (list), in order
+        parts = []
         for i, m in enumerate(messages):
             want = "user" if i % 2 == 0 else "assistant"
             if m["role"] != want:
@@ -181,14 +168,7 @@ class Tokenizer:
             if all(isinstance(p, str) for p in body):
                 body = ["".join(body).strip()]
             parts += [self.bos_id, "[INST] ", *body, " [/INST]"]
-        ids, run = [], ""
-        for p in parts:
-            if isinstance(p, str):
-                run += p
-                continue
-            ids += (self.encode(run) if run else []) + ([p] if isinstance(p, int) else list(p))
-            run = ""
-        return ids + (self.encode(run) if run else [])
+        return parts
 
 
 def find_tokenizer_file(path):
