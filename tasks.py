@@ -1,21 +1,17 @@
-"""
-Data for the memory agent: RULER-style synthetic tasks fitted to a token length, the
+"""Data for the memory agent: RULER-style synthetic tasks fitted to a token length, the
 RULER-HotpotQA multi-document builder, a JSONL loader, and the scorers.
 
-A Sample's document is either a str or a zero-argument callable returning a fresh iterator of
-text pieces, so a 3.5M-token document is never one string. Each piece is self-contained and
-carries its separator in front (" sentence", "\n\nDocument 7: ..."; the first piece has none):
-a BPE tokenizer then sees " word" as it does in running text, and the document's token ids are
-the concatenation of tokenizer.encode(piece) over the pieces. Synthetic documents are fitted so
-that this count never exceeds the target and falls short by less than one filler piece (fwe: by
-less than one step of its word counts).
+A Sample's document is a str or a zero-argument callable returning a fresh iterator of text pieces,
+so a 3.5M-token document is never one string. Each piece carries its separator in front (" sentence",
+"\n\nDocument 7: ..."; the first piece has none): a BPE tokenizer then sees " word" as in running
+text, and the document's ids are the concatenation of tokenizer.encode(piece). Synthetic documents
+are fitted so that this count never exceeds the target and falls short by less than one filler
+piece (fwe: by less than one step of its word counts).
 
-meta holds task, length (target tokens; documents for hotpotqa), scorer (a SCORERS name) and, for
-the synthetic tasks, doc_tokens (the exact count) and needles: one record per needle sentence,
-{text, offset, tokens, relevant, depth}, in tokens of the generating tokenizer; relevant: an ideal
-memory keeps it once read (two_hop: until the needle numbered `until` is read, when there is one);
-depth (of the first relevant needle) is a fraction of the document. check_length validates a
-(task, length) cell without building it.
+meta: task, length (target tokens; documents for hotpotqa), scorer (a SCORERS name); synthetic tasks
+add doc_tokens (exact) and needles, one {text, offset, tokens, relevant, depth} per needle sentence in
+tokens of the generating tokenizer. relevant: an ideal memory keeps it once read (two_hop: until the
+needle numbered `until` is read, if any); depth (of the first relevant needle): a fraction of the document.
 """
 
 import json
@@ -25,7 +21,7 @@ import string
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from itertools import chain, cycle, islice
 from typing import Callable, Iterator, Union
 
@@ -108,14 +104,7 @@ def _numbers(rng: np.random.Generator, n: int, digits: int) -> list[str]:
 
 def _token_counter(tokenizer) -> Callable[[str], int]:
     # filler repeats a few hundred distinct pieces at most: encode each once
-    cache: dict[str, int] = {}
-
-    def count(piece: str) -> int:
-        n = cache.get(piece)
-        if n is None:
-            n = cache[piece] = len(tokenizer.encode(piece))
-        return n
-    return count
+    return cache(lambda piece: len(tokenizer.encode(piece)))
 
 
 # -----------------------------------------------------------------------------
@@ -165,12 +154,9 @@ def _needle_minimum(count, needles, haystack) -> int:
 
 def _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles, relevant,
                    question, answers, ordered=False, scorer="string_match_all", until=None) -> Sample:
-    """Place `needles` at seeded uniform depths in `haystack`, fitted to `length` tokens.
-
-    Needles sit after filler piece k, k in 1..n, so the document opens with filler and every
-    piece's token count is known before placement: the fit is exact, not estimated.
-    `ordered` keeps the needles in list order through the document (a chain of assignments).
-    """
+    """Place `needles` at seeded uniform depths in `haystack`, fitted to `length` tokens. Needles sit
+    after filler piece k, k in 1..n, so the document opens with filler and every piece's token count
+    is known before placement: the fit is exact. `ordered` keeps them in list order (a chain)."""
     target = parse_length(length)
     count = _token_counter(tokenizer)
     minimum = _needle_minimum(count, needles, haystack)
@@ -222,12 +208,9 @@ def _niah(task, seed, index, keys=1, values=1, asked=1, words=False) -> dict:
     vals = _numbers(rng, keys * values, 7)
     needles = [f"One of the magic numbers for {names[i // values]} is {v}." for i, v in enumerate(vals)]
     relevant = [i // values < asked for i in range(len(vals))]
-    if asked > 1:
-        question = f"What are the magic numbers for {', '.join(names[:asked - 1])} and {names[asked - 1]}?"
-    elif values > 1:
-        question = f"What are all the magic numbers for {names[0]}?"
-    else:
-        question = f"What is the magic number for {names[0]}?"
+    question = (f"What are the magic numbers for {', '.join(names[:asked - 1])} and {names[asked - 1]}?" if asked > 1
+                else f"What are all the magic numbers for {names[0]}?" if values > 1
+                else f"What is the magic number for {names[0]}?")
     haystack = _word_haystack(rng) if words else _noise_haystack(rng)
     return dict(rng=rng, haystack=haystack, needles=needles, relevant=relevant, question=question,
                 answers=vals[:asked * values])
@@ -388,15 +371,11 @@ def make_samples(task: str, length, tokenizer, num: int, seed: int = 0) -> list[
 
 
 def ideal_memory_trace(sample: Sample, chunk_tokens: int) -> list[list[str]]:
-    """For each chunk of `chunk_tokens` tokens, the needles an ideal memory holds after it, in
-    document order: the relevant needles read so far, less those whose `until` needle is read.
-
-    A needle counts once its last token has been read. Offsets are in the tokens of the
-    tokenizer the sample was generated with, and only synthetic needle tasks record needles.
-    two_hop: a workplace fact may be dropped only once the asked link shows its subject is not
-    the bridge; dropping one earlier because its subject is someone else's relative would assume
-    nobody has two relatives, which a mentor or a friend can have.
-    """
+    """For each chunk of `chunk_tokens` tokens (of the generating tokenizer), the needles an ideal
+    memory holds after it, in document order: the relevant needles whose last token is read, less
+    those whose `until` needle is read. two_hop: a workplace fact may go only once the asked link
+    shows its subject is not the bridge; dropping it earlier because its subject is someone else's
+    relative would assume nobody has two relatives, which a mentor or a friend can have."""
     needles = sample.meta["needles"]
     ends = [r["offset"] + r["tokens"] for r in needles]
     kept = sorted((e, j) for j, (e, r) in enumerate(zip(ends, needles)) if r["relevant"])
@@ -411,13 +390,14 @@ def ideal_memory_trace(sample: Sample, chunk_tokens: int) -> list[list[str]]:
 # -----------------------------------------------------------------------------
 # HotpotQA (the MemAgent release's RULER-HotpotQA construction) and JSONL files
 
-def _read_hotpot(path) -> list:
-    # the official file is one JSON list; a filtered copy may hold one item per line
+def read_records(path) -> list:
+    """The items of a JSON list (the official HotpotQA file) or of a JSONL file (a filtered copy: one
+    item per line, blank lines skipped), in order."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read a HotpotQA file ({e})") from e
+        raise ValueError(f"{path}: cannot read ({e})") from e
     if text.lstrip().startswith("["):
         try:
             return json.loads(text)
@@ -470,7 +450,7 @@ def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0,
     _check_positive("num_docs", num_docs)
     if num_samples is not None:
         _check_positive("num_samples", num_samples)
-    items = _read_hotpot(path)
+    items = read_records(path)
     if not isinstance(items, list) or not items:
         raise ValueError(f"{path}: expected a non-empty list of HotpotQA items")
     titles, texts, seen = [], [], set()
