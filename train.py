@@ -16,6 +16,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 import dapo
 import tasks
@@ -455,7 +457,7 @@ class Checkpointer:
         """Complete checkpoint directories, oldest first."""
         if not os.path.isdir(self.dir):
             return []
-        return sorted(d for d in os.listdir(self.dir) if d.startswith("step_") and not d.endswith(".tmp"))
+        return sorted(d for d in os.listdir(self.dir) if re.fullmatch(r"step_\d+", d))
 
     def save(self, model, opt, sched, state):
         """Write step_N atomically: into a temporary directory, then one rename (rank 0)."""
@@ -466,6 +468,7 @@ class Checkpointer:
         tmp = final + ".tmp"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)  # a damaged one resume skipped
             os.makedirs(tmp)
         barrier()
         model_sd, optim_sd = get_state_dict(model, opt)
@@ -490,7 +493,7 @@ class Checkpointer:
         for name in reversed(self.newest()):
             try:
                 return self._load(os.path.join(self.dir, name), model, opt, sched)
-            except Exception as e:  # a truncated shard, a missing file: fall back to the one before
+            except (Exception, CheckpointException) as e:  # a truncated shard, a missing file: the one before
                 if self.rank == 0:
                     print(f"checkpoint {os.path.join(self.dir, name)} is damaged ({type(e).__name__}: "
                           f"{str(e)[:200]}); trying an older one", flush=True)
@@ -986,6 +989,10 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.algo, unit="step")
         history = []
+        if cfg.eval.every and self.step == 0:  # the starting point, as the release validates before training
+            m = dict(self.validate(), step=0)
+            if self.rank == 0:
+                log_step(self.checkpoints.metrics, m, tb, None, 0)
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             if self.device.type == "cuda":
@@ -1033,7 +1040,7 @@ def summary(cfg, history, checkpoints):
         values = [m[key] for m in history if key in m]
         if values:
             k = min(10, len(values))
-            lines.append(f"  {key}: {np.mean(values[:k]):.3f} over the first {k} steps logged, "
+            lines.append(f"  {key}: {np.mean(values[:k]):.3f} over the first {k} steps of this run, "
                          f"{np.mean(values[-k:]):.3f} over the last {k}")
     if checkpoints:
         args = " ".join(a for a in sys.argv[1:] if a != "--resume" and not a.startswith("--export"))

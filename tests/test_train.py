@@ -219,3 +219,123 @@ def test_readme_recipe_table_matches_the_configs():
             assert str(actual).lower() == claimed.lower(), (key, name, actual, claimed)
         rows += 1
     assert rows >= 15
+
+
+# ---- bad input and faults: every row an error naming what is wrong, before any work ----------
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps=2.9"], "'steps' expects int, got '2.9'"),
+    (["--steps=-3"], "'steps' must be >= 1"),
+    (["--rl.top_p=1.5"], "'rl.top_p' must be in \\(0, 1\\]"),
+    (["--rl.clip_c=0.5"], "'rl.clip_c' must be > 1"),
+    (["--optim.lr=0"], "'optim.lr' must be > 0"),
+    (["--engine.max_num_seqs=0"], "'engine.max_num_seqs' must be >= 1"),
+    (["--rl.n=1"], "n >= 2"),  # dynamic sampling can never keep a group of one
+    (["--agent.chunk_tokens=0"], "agent.chunk_tokens"),
+    (["--rl.kl_estimator=k9"], "rl.kl_estimator"),
+    (["--progress=maybe"], "'progress' expects bool"),
+    (["--data.tokenizer_tasks=vt,nope"], "data.tokenizer_tasks"),
+])
+def test_bad_config_values_are_named(args, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(["--model=micro", *args])
+
+
+def test_json_types_are_strict_and_space_separated_values_work(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"steps": 2.9}))
+    with pytest.raises(ValueError, match="c.json: 'steps' expects int, got 2.9"):
+        parse_config(["--config", str(path)])
+    path.write_text(json.dumps({"data": {"sft_direct": 1}}))
+    with pytest.raises(ValueError, match="'data.sft_direct' expects bool"):
+        parse_config(["--config", str(path)])
+    cfg = parse_config(["--model=micro", "--steps", "4", "--resume", "--rl.n", "3"])
+    assert (cfg.steps, cfg.resume, cfg.rl.n) == (4, True, 3)
+    assert parse_config(["--model=micro", "--rl.n=1", "--rl.dynamic_sampling=false"]).rl.n == 1
+
+
+def test_agent_settings_default_to_the_checkpoint():
+    cfg = parse_config([f"--model={ROOT}/checkpoints/tiny-sft"])
+    assert (cfg.agent.chunk_tokens, cfg.agent.memory_tokens, cfg.agent.template) == (128, 96, "compact")
+    cfg = parse_config([f"--model={ROOT}/checkpoints/tiny-sft", "--agent.chunk_tokens=64"])
+    assert (cfg.agent.chunk_tokens, cfg.agent.memory_tokens) == (64, 96)
+
+
+def test_out_dir_is_checked_before_any_step(tmp_path, tokenizer_path):
+    # an earlier run there: refused without --resume
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(RuntimeError, match="holds an earlier run; pass --resume"):
+        Trainer(config(tmp_path / "old", tokenizer_path, "--steps=1")).train()
+    # --export with nothing to export (a typo in out_dir is enough)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(config(tmp_path / "typo", tokenizer_path, "--resume", f"--export={tmp_path}/x")).train()
+    assert not os.path.exists(tmp_path / "x")
+    # a directory another live run holds
+    import fcntl
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)
+        with pytest.raises(RuntimeError, match="in use by another run"):
+            Trainer(config(tmp_path / "busy", tokenizer_path, "--steps=1")).train()
+    # not writable
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="not writable"):
+        Trainer(config(tmp_path / "file" / "run", tokenizer_path, "--steps=1")).train()
+
+
+def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(tmp_path, tokenizer_path):
+    args = ["--algo=sft", "--checkpoint_every=1", "--keep_checkpoints=3"]
+    Trainer(config(tmp_path, tokenizer_path, "--steps=2", *args)).train()
+    ckpts = tmp_path / "checkpoints"
+    for f in (ckpts / "step_000002" / "state").iterdir():  # truncate every shard of the newest
+        if f.suffix == ".distcp":
+            f.write_bytes(f.read_bytes()[:10])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a kill mid-write
+    t = Trainer(config(tmp_path, tokenizer_path, "--steps=3", "--resume", *args))
+    assert t.load_checkpoint() and t.step == 1  # fell back to step 1, the newest intact one
+    history = t.train()
+    assert [m["step"] for m in history] == [2, 3]
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def never_informative(sample, traj):
+    return 0.0
+
+
+def test_dynamic_sampling_out_of_rounds_trains_on_what_it_has(tmp_path, tokenizer_path):
+    t = Trainer(config(tmp_path, tokenizer_path, "--steps=1", "--rl.max_rounds=2"), reward_fn=never_informative)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    m = t.rl_step()
+    assert (m["rounds"], m["kept_groups"], m["dropped_groups"]) == (2, 0, 4)  # 2 rounds x 2 questions
+    assert t.position == 4 and "loss" not in m  # no update: nothing informative to learn from
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
+def test_kl_and_overlong_terms_as_training_applies_them(tmp_path, tokenizer_path):
+    # overlong shaping: answers are capped at answer_tokens = 8 and the buffer is 8, so an answer of
+    # length L gets (0 - L) / 8 added to its reward
+    t = Trainer(config(tmp_path, tokenizer_path, "--rl.overlong_buffer=8", "--rl.kl_coef=0.5",
+                       "--rl.dynamic_sampling=false", "--rl.n=8"), reward_fn=low_ids)
+    kept, seen, _ = t.rollout()
+    for s, group, rewards in seen:
+        for traj, r in zip(group, rewards):
+            assert r == pytest.approx(low_ids(s, traj) - len(traj.conversations[-1].response_ids) / 8)
+    # the KL term: the policy starts equal to its reference, so KL = 0; after an update it is > 0
+    m1 = t.rl_step()
+    m2 = t.rl_step()
+    assert m1["kl"] == pytest.approx(0.0, abs=1e-6) and m2["kl"] > 0
+
+
+def test_validation_during_training_is_logged(tmp_path, tokenizer_path):
+    cfg = config(tmp_path, tokenizer_path, "--steps=2", "--eval.every=1", "--eval.samples=2",
+                 "--eval.tasks=niah_single,vt", "--eval.lengths=256")
+    history = Trainer(cfg, reward_fn=low_ids).train()
+    logged = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in logged] == [0, 1, 2]  # validated before training too, as the release does
+    for m in (history[-1], logged[-1], logged[0]):
+        assert {"val_accuracy", "val_accuracy/niah_single", "val_accuracy/vt"} <= set(m)
+        assert m["val_accuracy"] == pytest.approx((m["val_accuracy/niah_single"] + m["val_accuracy/vt"]) / 2)
+    for key in ("memory_capped_frac", "no_boxed_frac", "memory_len", "answer_len"):
+        assert key in logged[-1]
