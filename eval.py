@@ -5,26 +5,18 @@
     python eval.py --from tiny.json qwen7b.json --plot overlay.png --markdown   # nothing is run
     python eval.py --model Qwen2.5-7B-Instruct --tasks hotpotqa:hotpot_train.json --closed-book hard.jsonl
 
-The agent's budgets and template come from the checkpoint's agent.json (--chunk-tokens etc.
-override them). Every task x length cell rolls each of --samples questions out --n times (greedy
-by default) and reports the mean score over all questions x rollouts (the task's scorer on the
-last \\boxed{} of the answer) with its 95% Wilson interval, the mean document tokens read, the wall
-time, and document tokens read per second. A failing rollout scores 0, keeps its error, and the
-run goes on. Lengths are tokens of the model's tokenizer ("8k", "3.5m") for the synthetic tasks
-(tasks.TASKS). For hotpotqa:FILE they are numbers of documents: a plain number is a document count
-(50, 100, ...) and a k/m length converts at the paper's 200 documents per 28K tokens (28k -> 200).
-A jsonl:FILE task is the file's lines and ignores --lengths.
-
---protocol memagent is the released evaluation of RULER-HotpotQA: temperature 0.7, top_p 0.95,
-the same seeded 128 questions at 50, 100, ..., 25600 documents, scored with sub_em.
---mode direct puts the whole document in one prompt, cut in the middle to fit the model's window
-(the paper's baselines); tokens read are then the document tokens that fit.
---closed-book OUT.jsonl asks each question of a hotpotqa or jsonl file with no document and writes
-the records the model does not answer to OUT.jsonl, one per line, as the input held them.
-
-Nothing is lost to a crash: every argument, task source, length and output path is checked
-before the first cell, and --out is rewritten after each cell, marked "complete": false until
-the sweep ends.
+The agent's budgets and template come from the checkpoint's agent.json (flags override them). Each
+task x length cell rolls --samples questions out --n times (greedy by default) and reports the mean
+score (the task's scorer on the last \\boxed{}) with its 95% Wilson interval, document tokens read,
+wall time and tokens read per second; a failing rollout scores 0, keeps its error, and the run goes
+on. Lengths are tokens of the model's tokenizer ("8k", "3.5m") for tasks.TASKS; for hotpotqa:FILE a
+plain number is a document count and k/m converts at the paper's 200 documents per 28K tokens; a
+jsonl:FILE task is the file's lines. --protocol memagent is the release's RULER-HotpotQA evaluation
+(temperature 0.7, top_p 0.95, the same seeded 128 questions at 50 ... 25600 documents, sub_em).
+--mode direct puts the whole document in one prompt, cut in the middle to fit the window (the
+paper's baselines). --closed-book OUT.jsonl writes the records of a hotpotqa or jsonl file whose
+question the model cannot answer without the document, as the input held them. Every input is
+checked before the first cell, and --out is rewritten after each cell ("complete": false until the end).
 """
 import argparse
 import json
@@ -35,11 +27,11 @@ from dataclasses import asdict, replace
 
 import torch
 
-import tasks as tasklib
 from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens, extract_boxed
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
-from tasks import TASKS, Sample, load_hotpotqa, load_jsonl, make_samples, parse_length, score
+from tasks import (TASKS, Sample, check_length, load_hotpotqa, load_jsonl, make_samples, parse_length, read_records,
+                   score)
 from tokenizer import load_tokenizer
 
 DEFAULTS = dict(lengths="8k", samples=64, n=1, temperature=0.0, top_p=1.0, seed=0)
@@ -93,10 +85,9 @@ def check_sweep(tasks, lengths, samples, n, tokenizer, seed, out=None, traces=No
         if path:
             check_writable(path, what)
     cells = plan(tasks, lengths)
-    check_length = getattr(tasklib, "check_length", None)
     docs = {}  # hotpotqa file -> its document counts
     for name, kind, path, length in cells:
-        if kind in TASKS and check_length:
+        if kind in TASKS:
             check_length(kind, length, tokenizer, num=samples, seed=seed)
         elif kind == "hotpotqa":
             docs.setdefault(path, []).append(length)
@@ -126,25 +117,18 @@ def wilson(mean, count, z=1.96):
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def decode_answer(tok, token_ids):
-    text = tok.decode([i for i in token_ids if i not in tok.stop_ids and i != tok.pad_id])
-    return text, extract_boxed(text)
-
-
-def rollout_seed(seed, sample, rollout):
-    """Rollout k of sample i draws its own noise, as the agent seeds its turns; None stays unseeded."""
-    return None if seed is None else derive_seed(seed, sample, rollout)
-
-
-def run_agent(agent, samples, params, n):
-    trajs = agent.run(samples, n=n, params=params)
-    return [dict(answer_text=t.answer_text, answer=t.answer, tokens_read=t.tokens_read, error=t.error,
-                 doc_tokens=samples[j // n].meta.get("doc_tokens") or t.tokens_read, memories=t.memories)
-            for j, t in enumerate(trajs)]
+def answer_prompts(engine, tok, prompts, params, n):
+    """(sample index i, prompt ids) pairs -> n (completion, text, boxed answer) each, sample-major. Rollout
+    k of sample i draws its own noise, as the agent seeds its turns; a None seed stays unseeded."""
+    completions = engine.generate([p for _, p in prompts for _ in range(n)],
+                                  [replace(params, seed=None if params.seed is None else derive_seed(params.seed, i, k))
+                                   for i, _ in prompts for k in range(n)])
+    texts = [tok.decode([i for i in c.token_ids if i not in tok.stop_ids and i != tok.pad_id]) for c in completions]
+    return [(c, text, extract_boxed(text)) for c, text in zip(completions, texts)]
 
 
 def run_direct(agent, engine, samples, params, n, max_prompt_tokens):
-    outs, prompts, per_prompt = [], [], []
+    outs, prompts = [], []
     for i, s in enumerate(samples):
         try:
             prompt = agent.direct_prompt(s, max_prompt_tokens)
@@ -153,24 +137,20 @@ def run_direct(agent, engine, samples, params, n, max_prompt_tokens):
         except ValueError as e:  # a question longer than the window, an unreadable file: this sample fails
             outs += [dict(answer_text=None, answer=None, tokens_read=0, doc_tokens=0, error=str(e), memories=[])] * n
             continue
-        for k in range(n):
-            outs.append(dict(tokens_read=len(prompt) - frame, doc_tokens=doc, error=None, memories=[]))
-            prompts.append(prompt)
-            per_prompt.append(replace(params, seed=rollout_seed(params.seed, i, k)))
-    completions = iter(engine.generate(prompts, per_prompt))
+        outs += [dict(tokens_read=len(prompt) - frame, doc_tokens=doc, error=None, memories=[]) for _ in range(n)]
+        prompts.append((i, prompt))
+    answers = iter(answer_prompts(engine, agent.tok, prompts, params, n))
     for o in outs:
         if o["error"] is None:
-            c = next(completions)
-            text, answer = decode_answer(agent.tok, c.token_ids)
+            c, text, answer = next(answers)
             o.update(answer_text=text, answer=answer, error=c.error)
     return outs
 
 
 def cell_row(name, length, mode, cell, preds, n, seconds):
-    """One cell's summary. Accuracy is the mean over questions x rollouts; its interval treats those
-    as independent Bernoulli trials of that mean. For fractional scorers (string_match_all over several
-    needles, f1) the same formula bounds the mean, since a score in [0, 1] with mean p has variance
-    at most p(1 - p): the interval is then conservative."""
+    """One cell's summary: accuracy is the mean over questions x rollouts, its interval Wilson's over
+    that many trials. For fractional scorers (string_match_all, f1) it is conservative: a score in
+    [0, 1] with mean p has variance at most p(1 - p)."""
     count = max(len(preds), 1)
     accuracy = sum(p["score"] for p in preds) / count
     low, high = wilson(accuracy, len(preds))
@@ -200,7 +180,9 @@ def cell_runner(engine, tokenizer, agent, mode, params, n, progress):
     """-> run(samples): one output per rollout, sample-major."""
     if mode == "agent":
         runner = MemoryAgent(engine, tokenizer, agent, keep_conversations=False, progress=progress)
-        return lambda cell: run_agent(runner, cell, params, n)
+        return lambda cell: [dict(answer_text=t.answer_text, answer=t.answer, tokens_read=t.tokens_read, error=t.error,
+                                  doc_tokens=cell[j // n].meta.get("doc_tokens") or t.tokens_read, memories=t.memories)
+                             for j, t in enumerate(runner.run(cell, n=n, params=params))]
     runner = MemoryAgent(None, tokenizer, agent)  # builds the prompts only: the update turn's budget does not apply
     max_prompt = engine.max_len - agent.answer_tokens
     if max_prompt <= 0:
@@ -265,28 +247,6 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
 # --------------------------------------------------------------------------------------------
 # the closed-book filter: questions the model answers without the document teach nothing
 
-def read_records(path):
-    """The records of a JSON list, or of a JSONL file (one JSON value per line), in order."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
-    try:
-        whole = json.loads(text)
-        return whole if isinstance(whole, list) else [whole]
-    except json.JSONDecodeError:
-        pass
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-    return records
-
-
 def question_file(kind, path):
     """A hotpotqa or jsonl file -> (its records as read, a Sample per record with no document)."""
     question, answer, ident = ("question", "answer", "_id") if kind == "hotpotqa" else ("question", "answers", "id")
@@ -302,21 +262,17 @@ def question_file(kind, path):
 
 
 def closed_book(engine, tokenizer, agent: AgentConfig, samples, params: SamplingParams, n=1):
-    """Whether the model answers each question without its document -> (answered flags, rollouts
-    that failed). Answered: any of the n rollouts scores above 0 with the sample's scorer. Each
-    question is asked through the agent's own final-answer turn with the empty-memory placeholder:
-    the prompt the policy answers from, as it looks when nothing was read, so a question it still
-    fails is one it can answer only by reading (a direct prompt with an empty text would test a
-    frame the policy is never trained or evaluated in)."""
+    """-> (answered flags, rollouts that failed): whether any of n rollouts scores above 0 without the
+    document. Asked through the agent's final-answer turn with the empty-memory placeholder, the
+    prompt the policy answers from when nothing was read (a direct prompt with an empty text would
+    test a frame the policy is never trained or evaluated in)."""
     prompter = MemoryAgent(None, tokenizer, agent)
-    prompts = [prompter.prompt(tokenizer.encode(s.question), []) for s in samples]
+    prompts = [(i, prompter.prompt(tokenizer.encode(s.question), [])) for i, s in enumerate(samples)]
     params = replace(params, max_new_tokens=agent.answer_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
-    completions = engine.generate([p for p in prompts for _ in range(n)],
-                                  [replace(params, seed=rollout_seed(params.seed, i, k))
-                                   for i in range(len(samples)) for k in range(n)])
-    answered = [any(c.finish_reason != "error" and score(s, decode_answer(tokenizer, c.token_ids)[1]) > 0
-                    for c in completions[i * n:(i + 1) * n]) for i, s in enumerate(samples)]
-    return answered, sum(c.finish_reason == "error" for c in completions)
+    outs = answer_prompts(engine, tokenizer, prompts, params, n)
+    answered = [any(c.finish_reason != "error" and score(s, answer) > 0 for c, _, answer in outs[i * n:(i + 1) * n])
+                for i, s in enumerate(samples)]
+    return answered, sum(c.finish_reason == "error" for c, _, _ in outs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,23 +377,21 @@ def parser():
     p.add_argument("--model", help="HF checkpoint directory (or a tiny config name: random weights)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
     p.add_argument("--tasks", default="niah_single", help="comma-separated: task names, hotpotqa:FILE, jsonl:FILE")
-    p.add_argument("--lengths", help=f"comma-separated: tokens (8k,128k); documents for hotpotqa "
-                                     f"(default {DEFAULTS['lengths']})")
-    p.add_argument("--samples", type=int, help=f"questions per cell (default {DEFAULTS['samples']})")
-    p.add_argument("--n", type=int, help="rollouts per question; accuracy is the mean over all (default 1)")
     p.add_argument("--mode", choices=("agent", "direct"), default="agent")
     add_agent_flags(p)
-    p.add_argument("--temperature", type=float, help="default 0: greedy")
-    p.add_argument("--top-p", type=float, help="default 1")
-    p.add_argument("--seed", type=int, help="default 0")
+    for key, kind, text in (("lengths", str, "comma-separated: tokens (8k,128k); documents for hotpotqa"),
+                            ("samples", int, "questions per cell"), ("n", int, "rollouts per question, all scored"),
+                            ("temperature", float, "0: greedy"), ("top_p", float, "nucleus mass"),
+                            ("seed", int, "sampling seed")):
+        p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{text} (default {DEFAULTS[key]})")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="a published evaluation's settings")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--label", help="the run's name in plots and tables (default: the model's)")
     p.add_argument("--out", help="write results and predictions to this JSON file (after every cell)")
     p.add_argument("--traces", help="write each rollout's memories and answer to this JSONL file")
-    p.add_argument("--closed-book", metavar="OUT_JSONL", help="write the questions of the one hotpotqa or jsonl "
-                                                               "task that the model cannot answer without the document")
+    p.add_argument("--closed-book", metavar="OUT_JSONL", help="write the records of the one hotpotqa or jsonl "
+                   "task whose question the model cannot answer without the document")
     p.add_argument("--plot", help="write accuracy vs length to this PNG (needs matplotlib)")
     p.add_argument("--markdown", action="store_true", help="print markdown tables of the results")
     p.add_argument("--from", dest="sources", nargs="+", metavar="JSON", help="report these results; run nothing")
@@ -467,17 +421,6 @@ def check_inputs(args):
     return agent, tokenizer, question_file(*tasks[0].split(":", 1))
 
 
-def write_closed_book(args, model, tokenizer, agent, records, questions):
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    engine = make_engine(model, args.n, args.seed, progress=True)
-    answered, failed = closed_book(engine, tokenizer, agent, questions, params, args.n)
-    with open(args.closed_book, "w") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec, known in zip(records, answered) if not known)
-    print(f"closed book: {sum(answered)} of {len(records)} questions answered without the document; wrote "
-          f"the other {len(records) - sum(answered)} to {args.closed_book}"
-          + (f" ({failed} rollouts failed)" if failed else ""))
-
-
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
@@ -497,7 +440,16 @@ def main(argv=None):
         dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
         if question_set:
-            return write_closed_book(args, model, tokenizer, agent, *question_set)
+            records, questions = question_set
+            params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+            answered, failed = closed_book(make_engine(model, args.n, args.seed, progress=True), tokenizer, agent,
+                                           questions, params, args.n)
+            with open(args.closed_book, "w") as f:
+                f.writelines(json.dumps(rec) + "\n" for rec, known in zip(records, answered) if not known)
+            print(f"closed book: {sum(answered)} of {len(records)} questions answered without the document; "
+                  f"wrote the other {len(records) - sum(answered)} to {args.closed_book}"
+                  + (f" ({failed} rollouts failed)" if failed else ""))
+            return
         res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, agent,
                        args.mode, args.temperature, args.top_p, args.n, args.seed, progress=True, out=args.out,
                        traces=args.traces)
