@@ -53,11 +53,9 @@ def overlong_penalty(lengths, max_len, buffer):
 
 
 def group_advantages(rewards, group_ids, norm_by_std=True, eps=1e-6):
-    """Advantage of each trajectory relative to the others of its group (same question):
-    (R - mean) / (std + eps) with Bessel-corrected std, or R - mean without norm_by_std.
-    A group of one uses mean 0 and std 1; a group of equal rewards gets 0. Returns float32 [N].
-    group_ids: any 1-D sequence of ids (list, tuple, torch tensor, numpy array); ids are compared as
-    plain Python values, so tensor(3) and 3 are the same group."""
+    """(R - mean) / (std + eps) over each group (same question), Bessel-corrected std, or R - mean
+    without norm_by_std -> float32 [N]. A group of one uses mean 0 and std 1; equal rewards get 0.
+    group_ids: any 1-D sequence; ids compare as Python values (tensor(3) and 3 are one group)."""
     r = torch.as_tensor(rewards, dtype=torch.float64)
     if r.dim() != 1:
         raise ValueError(f"rewards must be 1-D, got shape {tuple(r.shape)}")
@@ -88,22 +86,18 @@ def group_advantages(rewards, group_ids, norm_by_std=True, eps=1e-6):
 
 
 def check_dynamic_sampling(n, enabled):
-    """Config-time check: dynamic sampling keeps only groups whose rewards differ, and a group of
-    n = 1 rollout never has two rewards to differ, so every round would be thrown away."""
+    """Config-time: a group of n = 1 never has two rewards to differ, so every round would be dropped."""
     if enabled and n < 2:
         raise ValueError(f"dynamic sampling needs n >= 2 rollouts per question, got n={n}: a group of one "
                          "reward is never informative (its advantage is 0); raise n or turn it off")
 
 
 def sample_groups(generate, want, max_rounds, enabled=True, count=len):
-    """generate() -> a new round: list of groups, each a (payload, rewards) pair, rewards a list of
-    floats. With enabled, keep only informative groups (rewards not all equal: their advantages would
-    all be 0) and call generate() again until count(kept) >= want or max_rounds rounds have run;
-    without it, one round and every group is kept. `count` maps the local kept list to the number
-    that decides (train.py passes one that sums over data-parallel ranks); it is called once per
-    round, on every round, so a collective in it stays in step across ranks.
-    Returns (kept, seen, rounds): the kept groups (all of them, in order; the caller trims to want),
-    every group generated (for honest accuracy metrics), and the number of rounds run.
+    """generate() -> a round: a list of (payload, rewards) groups. With enabled, keep the groups whose
+    rewards differ (the others' advantages are all 0) and generate again until count(kept) >= want or
+    max_rounds have run; without, one round, all kept. `count` maps the local kept list to the deciding
+    number (train.py sums over data-parallel ranks); it runs once every round, so a collective in it
+    stays in step. -> (kept, in order, untrimmed; every group seen, for honest accuracy; rounds run).
     Running out of rounds is not an error: the caller trains on what it has and logs the shortfall."""
     if want < 1 or max_rounds < 1:
         raise ValueError(f"want and max_rounds must be >= 1, got want={want}, max_rounds={max_rounds}")
@@ -191,10 +185,9 @@ class MicroBatch:
 
 
 def pack(rows, token_budget):
-    """First-fit decreasing: rows by length, longest first (ties in input order), each into the
-    first micro-batch with room, so each micro-batch holds T <= token_budget tokens. A row longer
-    than the budget gets a micro-batch of its own (T > budget: size the budget for the longest
-    conversation to bound memory). Conversations are never split, so sum of num_tokens is exact."""
+    """First-fit decreasing (ties in input order) into micro-batches of T <= token_budget tokens; a
+    longer row gets one of its own (size the budget for the longest conversation to bound memory).
+    Conversations are never split, so the sum of num_tokens is exact."""
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
     if len({r.old_logprobs is None for r in rows}) > 1:
@@ -211,8 +204,7 @@ def pack(rows, token_budget):
     return [_collate([rows[i] for i in idx]) for _, idx in bins]
 
 
-def _collate(rows):
-    """Lay rows end to end as one MicroBatch (see there for the layout)."""
+def _collate(rows):  # see MicroBatch for the layout
     ids, tgt, pos, mask, adv, old, seg = [], [], [], [], [], [], []
     for s, r in enumerate(rows):
         P, R = len(r.prompt_ids), len(r.response_ids)
@@ -309,14 +301,12 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [rows, tokens], got shape {tuple(logprobs.shape)}")
     shape = logprobs.shape
-    _check("logprobs", logprobs, shape)
-    _check("old_logprobs", old_logprobs, shape)
-    _check("mask", mask, shape)
+    for name, x in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("mask", mask), ("entropy", entropy)):
+        if x is not None:
+            _check(name, x, shape)
     _check("advantages", advantages, shape[:1] if advantages.dim() == 1 else shape)
     if advantages.dim() == 1:
         advantages = advantages[:, None]
-    if entropy is not None:
-        _check("entropy", entropy, shape)
     if not (0 <= clip_low < 1 and clip_high >= 0 and clip_c > 1):
         raise ValueError(f"need 0 <= clip_low < 1, clip_high >= 0, clip_c > 1; got {clip_low}, {clip_high}, {clip_c}")
     mask = mask != 0
@@ -339,12 +329,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
             return torch.where(mask, v.float(), 0.0).sum() / mask.sum()
 
         clipped = ((advantages > 0) & (ratio > 1 + clip_high)) | ((advantages < 0) & (ratio < 1 - clip_low))
-        metrics = {
-            "clipfrac": mean(clipped),
-            "clipfrac_lower": mean((advantages < 0) & (ratio > clip_c)),
-            "ppo_kl": mean(old_logprobs - logprobs),
-            "ratio": mean(ratio),
-        }
+        metrics = dict(clipfrac=mean(clipped), clipfrac_lower=mean((advantages < 0) & (ratio > clip_c)),
+                       ppo_kl=mean(old_logprobs - logprobs), ratio=mean(ratio))
         if entropy is not None:
             metrics["entropy"] = mean(entropy)
         if kl_coef:
