@@ -290,17 +290,17 @@ class Trajectory:
     error: str | None = None
 
 
+@dataclass
 class _Rollout:
     """The running state of one trajectory."""
-
-    def __init__(self, trajectory, problem_ids, stream, reader, sample_index):
-        self.traj = trajectory
-        self.problem = problem_ids
-        self.stream, self.reader = stream, reader
-        self.sample_index = sample_index
-        self.memory: list[int] = []
-        self.prompt = None
-        self.is_final = False
+    traj: Trajectory
+    problem: list[int]
+    stream: ChunkStream
+    reader: int  # rollout index: the stream's reader, and a seed coordinate
+    sample_index: int
+    memory: list[int] = field(default_factory=list)
+    prompt: list[int] | None = None
+    is_final: bool = False
 
 
 class MemoryAgent:
@@ -325,8 +325,7 @@ class MemoryAgent:
         if engine is not None:
             self._check_budget(engine.max_len)
 
-    def _check_budget(self, max_len):
-        """Every turn's prompt plus its longest output must fit the model's positions."""
+    def _check_budget(self, max_len):  # every turn's prompt plus its longest output fits the model
         c = self.cfg
         memory = max(c.memory_tokens, len(self.empty_memory))  # the old memory in a prompt
         frame = self.wrapper_tokens + c.question_tokens + memory
@@ -345,18 +344,15 @@ class MemoryAgent:
 
     def prompt(self, problem, memory, chunk=None):
         """The prompt ids of a memory update (chunk given) or of the final answer (chunk None)."""
-        memory = memory or self.empty_memory
-        if chunk is None:
-            return self._wrap(self.final.render(problem=problem, memory=memory))
-        return self._wrap(self.update.render(problem=problem, memory=memory, section=chunk))
+        template = self.final if chunk is None else self.update
+        return self._wrap(template.render(problem=problem, memory=memory or self.empty_memory, section=chunk))
 
     def run(self, samples: list[Sample], n=1, params: SamplingParams = SamplingParams(),
             on_turn=None) -> list[Trajectory]:
-        """Roll out every sample n times; trajectories come back grouped by sample, rollout order.
-        A sample whose question is too long or whose document fails while being read fails alone:
-        all its n trajectories carry the error and no answer. on_turn(trajectory) is called after
-        each finished turn. An exception that escapes (an interrupt, an engine fault) first aborts
-        this run's requests, so the engine is clean for the next run."""
+        """Roll out every sample n times -> trajectories grouped by sample, in rollout order. A sample
+        whose question is too long or whose document fails fails alone: its n trajectories carry the
+        error. on_turn(trajectory) follows each finished turn. An exception that escapes (an interrupt,
+        an engine fault) first aborts this run's requests, so the engine is clean for the next run."""
         if type(n) is not int or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         out, live = [], []
@@ -423,9 +419,8 @@ class MemoryAgent:
         r.is_final = chunk is None
         r.prompt = self.prompt(r.problem, r.memory, chunk)
         seed = None if params.seed is None else derive_seed(params.seed, r.sample_index, r.reader, r.traj.turns)
-        sp = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                            max_new_tokens=self.cfg.answer_tokens if r.is_final else self.cfg.memory_tokens,
-                            stop_token_ids=tuple(params.stop_token_ids) or self.stop_ids, seed=seed)
+        sp = replace(params, max_new_tokens=self.cfg.answer_tokens if r.is_final else self.cfg.memory_tokens,
+                     stop_token_ids=tuple(params.stop_token_ids) or self.stop_ids, seed=seed)
         pending[self.engine.add_request(r.prompt, sp)] = r
         return True
 
