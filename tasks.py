@@ -550,10 +550,7 @@ def normalize_answer(s: str) -> str:
 
 
 def exact_match(prediction, answers) -> float:
-    if prediction is None:
-        return 0.0
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(a) for a in answers))
+    return float(prediction is not None and normalize_answer(prediction) in map(normalize_answer, answers))
 
 
 def sub_em(prediction, answers) -> float:
@@ -588,10 +585,7 @@ def string_match_all(prediction, answers) -> float:
 
 
 def string_match_part(prediction, answers) -> float:
-    if prediction is None:
-        return 0.0
-    pred = prediction.lower()
-    return float(any(a.lower() in pred for a in answers))
+    return float(prediction is not None and any(a.lower() in prediction.lower() for a in answers))
 
 
 _LATEX_COMMAND = re.compile(r"\\[a-zA-Z]+")
