@@ -162,10 +162,7 @@ class SplicedTemplate:
         self.num_text_tokens = sum(len(p) for p in self.parts if isinstance(p, list))
 
     def render(self, **ids):
-        out = []
-        for p in self.parts:
-            out += ids[p] if isinstance(p, str) else p
-        return out
+        return [i for p in self.parts for i in (ids[p] if isinstance(p, str) else p)]
 
 
 def extract_boxed(text):
