@@ -394,3 +394,19 @@ def test_dtype_by_name(tmp_path):
     for bad in ("bf16x", "int8", 3):
         with pytest.raises(ValueError, match=rf"dtype={bad!r}|dtype=torch.int8"):
             build_model("micro", dtype=bad)
+
+
+@pytest.mark.parametrize("family, extra, window_applies", [
+    ("MistralForCausalLM", {"sliding_window": 512}, True),                              # mistral: on unless turned off
+    ("MistralForCausalLM", {"sliding_window": 512, "use_sliding_window": False}, False),
+    ("Qwen2ForCausalLM", {"sliding_window": 512}, False),                               # qwen2: off unless turned on
+    ("Qwen2ForCausalLM", {"sliding_window": 512, "use_sliding_window": True}, True),
+    ("LlamaForCausalLM", {"sliding_window": None}, False),
+])
+def test_sliding_window_clamps_the_served_length(tmp_path, family, extra, window_applies):
+    # sliding-window attention equals full attention up to the window, so an active window is
+    # served exactly by capping the length at it
+    hf = dict(architectures=[family], vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=64, max_position_embeddings=4096, **extra)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert ModelConfig.from_hf(tmp_path).max_position_embeddings == (512 if window_applies else 4096)
