@@ -297,9 +297,19 @@ def rope_inv_freq(cfg: ModelConfig):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (i, i + D/2) of x (B, T, H, D) by the angles whose cos/sin are (B, T, 1, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    """Rotate pairs (i, i + D/2) of x (B, T, H, D): x * cos + (x2, x1) * sin, with cos = (c, c) and
+    sin = (-s, s) of shape (B, T, 1, D) built once per forward (rope_tables), which is
+    (x1 c - x2 s, x2 c + x1 s) exactly, in fewer ops."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def rope_tables(position_ids, inv_freq, attn_factor):
+    """cos (c, c) and sin (-s, s) of every position's angles, (B, T, 1, D), for apply_rope."""
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    c, s = angles.cos() * attn_factor, angles.sin() * attn_factor
+    return torch.cat([c, c], -1)[:, :, None, :], torch.cat([-s, s], -1)[:, :, None, :]
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,9 +448,7 @@ class Transformer(nn.Module):
         attn = attn or PackedRows.from_positions(position_ids)
         if self.inv_freq.device != input_ids.device:
             self.inv_freq = self.inv_freq.to(input_ids.device)
-        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        cos = (angles.cos() * self.rope_attn_factor)[:, :, None, :]  # (B, T, 1, hd/2)
-        sin = (angles.sin() * self.rope_attn_factor)[:, :, None, :]
+        cos, sin = rope_tables(position_ids, self.inv_freq, self.rope_attn_factor)  # (B, T, 1, hd)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for block in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
