@@ -226,7 +226,8 @@ def test_cuda_graph_batch_padding():
 @pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager():
     torch.manual_seed(0)
-    m = Transformer(CFG).init_weights(seed=1, std=0.3).to("cuda", torch.float16).eval()
+    # fp32: a 16-bit GEMM may round differently for the graph's padded batch and flip a near-tie
+    m = Transformer(CFG).init_weights(seed=1, std=0.3).to("cuda").eval()
     ps = prompts([5, 17, 33, 2, 40])
     params = SamplingParams(temperature=0, max_new_tokens=24)
     graph = Engine(m, num_blocks=64, cuda_graphs=True).generate(ps, params)
