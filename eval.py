@@ -263,14 +263,15 @@ def question_file(kind, path):
 
 def closed_book(engine, tokenizer, agent: AgentConfig, samples, params: SamplingParams, n=1):
     """-> (answered flags, rollouts that failed): whether any of n rollouts scores above 0 without the
-    document. Asked through the agent's final-answer turn with the empty-memory placeholder, the
+    document; None where every rollout failed (such a question is neither kept nor dropped). Asked through the agent's final-answer turn with the empty-memory placeholder, the
     prompt the policy answers from when nothing was read (a direct prompt with an empty text would
     test a frame the policy is never trained or evaluated in)."""
     prompter = MemoryAgent(None, tokenizer, agent)
     prompts = [(i, prompter.prompt(tokenizer.encode(s.question), [])) for i, s in enumerate(samples)]
     params = replace(params, max_new_tokens=agent.answer_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
     outs = answer_prompts(engine, tokenizer, prompts, params, n)
-    answered = [any(c.finish_reason != "error" and score(s, answer) > 0 for c, _, answer in outs[i * n:(i + 1) * n])
+    answered = [None if all(c.finish_reason == "error" for c, _, _ in outs[i * n:(i + 1) * n]) else
+                any(c.finish_reason != "error" and score(s, answer) > 0 for c, _, answer in outs[i * n:(i + 1) * n])
                 for i, s in enumerate(samples)]
     return answered, sum(c.finish_reason == "error" for c, _, _ in outs)
 
@@ -445,10 +446,11 @@ def main(argv=None):
             answered, failed = closed_book(make_engine(model, args.n, args.seed, progress=True), tokenizer, agent,
                                            questions, params, args.n)
             with open(args.closed_book, "w") as f:
-                f.writelines(json.dumps(rec) + "\n" for rec, known in zip(records, answered) if not known)
-            print(f"closed book: {sum(answered)} of {len(records)} questions answered without the document; "
-                  f"wrote the other {len(records) - sum(answered)} to {args.closed_book}"
-                  + (f" ({failed} rollouts failed)" if failed else ""))
+                f.writelines(json.dumps(rec) + "\n" for rec, known in zip(records, answered) if known is False)
+            unknown = answered.count(None)
+            print(f"closed book: {answered.count(True)} of {len(records)} questions answered without the document; "
+                  f"wrote the {answered.count(False)} unanswered to {args.closed_book}"
+                  + (f"; {unknown} left out, every rollout of them failed ({failed} rollouts in all)" if unknown else ""))
             return
         res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, agent,
                        args.mode, args.temperature, args.top_p, args.n, args.seed, progress=True, out=args.out,

@@ -13,6 +13,7 @@ when one turn finishes, that trajectory's next turn is queued at once.
 """
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -240,6 +241,10 @@ class ChunkStream:
                 self.chunks.append(self.buffer[self.start:self.start + self.chunk_tokens])
                 self.start += len(self.chunks[-1])
 
+    def done(self, reader):
+        """The reader stops early (its rollout failed): the others no longer wait for it."""
+        self.position[reader] = math.inf
+
     def next(self, reader):
         """The reader's next chunk, or None at the end of the document; ValueError if it failed."""
         index = self.position[reader]
@@ -425,6 +430,7 @@ class MemoryAgent:
         t = r.traj
         if c.finish_reason == "error":
             t.error = f"sample {t.sample_id}: {c.error}"
+            r.stream.done(r.reader)
             return
         ids = [i for i in c.token_ids if i not in self.stop_ids and i != self.tok.pad_id]
         if self.keep_conversations:

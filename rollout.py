@@ -16,6 +16,7 @@ import enum
 import itertools
 import math
 import numbers
+import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -207,6 +208,13 @@ class BlockManager:
                 self.hash[b], self.contents[b] = h, block_tokens
                 self.by_hash[h] = b
             seq.last_hash, seq.num_hashed = h, i + 1
+
+    def forget_prefixes(self):
+        """Unregister every cached block: after a step that failed mid-forward, blocks registered
+        when scheduled may hold K/V that was never written."""
+        self.by_hash.clear()
+        self.hash = [None] * len(self.hash)
+        self.contents = [None] * len(self.contents)
 
     def release(self, seq: Sequence):
         """Drop the sequence's references; unreferenced blocks keep their contents until reused."""
@@ -431,7 +439,9 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=p.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=p.dtype, device=self.device)
         self.max_table_width = -(-(cfg.max_position_embeddings + 1) // block_size)
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        # graphs need kernels that never read tensor values on the host: the Triton ones
+        resolved = backend or os.environ.get("MEMAGENT_KERNELS") or "triton"
+        self.use_graphs = cuda_graphs and self.device.type == "cuda" and resolved == "triton"
         self.graphs = {}
 
     def run(self, batch: Batch):
@@ -499,13 +509,13 @@ class ModelRunner:
                   slots=torch.full((size,), -1, dtype=torch.long, device=dev),
                   ctx=torch.ones(size, dtype=torch.int32, device=dev),
                   tables=torch.zeros(size, width, dtype=torch.int32, device=dev))
-        kv = PagedKV(self.k_cache, self.v_cache, io["slots"], io["ctx"], io["tables"], size,
-                     None, 0, self.backend)
-        self.model(io["ids"], io["pos"], attn=kv)  # warm-up: compile the kernels outside the capture
+        kv = lambda: PagedKV(self.k_cache, self.v_cache, io["slots"], io["ctx"], io["tables"], size, None, 0,
+                             self.backend)
+        self.model(io["ids"], io["pos"], attn=kv())  # warm-up: compile the kernels outside the capture
         torch.cuda.synchronize(dev)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            io["logits"] = self.model(io["ids"], io["pos"], attn=kv)[0]
+            io["logits"] = self.model(io["ids"], io["pos"], attn=kv())[0]
         return g, io
 
 
@@ -607,7 +617,11 @@ class Engine:
         done += [self._complete(s) for s in out_of_room]
         if batch.seqs:
             t0 = time.perf_counter()
-            sampled = self.runner.run(batch)
+            try:
+                sampled = self.runner.run(batch)
+            except BaseException:  # an OOM, a ^C: what this step registered was never computed
+                self.blocks.forget_prefixes()
+                raise
             done += self._postprocess(batch, sampled)
             self.stats["decode_tokens"] += batch.num_decode
             self.stats["prefill_tokens"] += sum(batch.num_tokens) - batch.num_decode

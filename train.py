@@ -154,8 +154,9 @@ def _convert(kind, value):
     raise ValueError(value)
 
 
-def _set(obj, key, value, where, section=""):
-    """Set dotted `key` on the config tree, converting `value` to the field's type."""
+def _set(obj, key, value, where, section="", assigned=None):
+    """Set dotted `key` on the config tree, converting `value` to the field's type; every leaf key
+    set is added to `assigned`."""
     head, _, rest = key.partition(".")
     full = section + key
     if head not in {f.name for f in dataclasses.fields(obj)}:
@@ -163,11 +164,11 @@ def _set(obj, key, value, where, section=""):
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current):
         if rest:
-            return _set(current, rest, value, where, section + head + ".")
+            return _set(current, rest, value, where, section + head + ".", assigned)
         if not isinstance(value, dict):
             raise ValueError(f"{where}: '{full}' is a section; give it a JSON object")
         for k, v in value.items():
-            _set(current, k, v, where, section + head + ".")
+            _set(current, k, v, where, section + head + ".", assigned)
         return
     if rest:
         raise ValueError(f"{where}: '{section + head}' has no sub-keys ('{full}')")
@@ -177,6 +178,8 @@ def _set(obj, key, value, where, section=""):
     except (TypeError, ValueError):
         raise ValueError(f"{where}: '{full}' expects {kind.__name__}, got {value!r}") from None
     setattr(obj, head, value)
+    if assigned is not None:
+        assigned.add(full)
 
 
 # (key, test, what it must be): every numeric key of the tree, checked after all overrides
@@ -227,8 +230,7 @@ def parse_config(argv):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
         for k, v in raw.items():
-            _set(cfg, k, v, path)
-        explicit |= {f"agent.{k}" for k in raw.get("agent", {})}
+            _set(cfg, k, v, path, assigned=explicit)
     while args:
         a = args.pop(0)
         if not a.startswith("--"):
@@ -237,14 +239,18 @@ def parse_config(argv):
         if not eq:  # --key value, or a bare boolean flag
             value = args.pop(0) if args and not args[0].startswith("--") else "true"
         key = key.replace("-", "_")
-        _set(cfg, key, value, "command line")
-        explicit.add(key)
-    validate(cfg, explicit)
+        _set(cfg, key, value, "command line", assigned=explicit)
+    if os.path.isdir(cfg.model):  # agent settings not given here: the model's agent.json, if any
+        saved = AgentConfig.load(cfg.model)
+        for f in dataclasses.fields(AgentConfig):
+            if saved is not None and f"agent.{f.name}" not in explicit:
+                setattr(cfg.agent, f.name, getattr(saved, f.name))
+    validate(cfg)
     return cfg
 
 
-def validate(cfg, explicit=()):
-    """Every key's range, the model, and the agent settings (agent.json of the model as default)."""
+def validate(cfg):
+    """Every key's range and the combinations that cannot work, before any work."""
     for key, ok, what in RULES:
         if not ok(_get(cfg, key)):
             raise ValueError(f"config key '{key}' must be {what}, got {_get(cfg, key)!r}")
@@ -254,13 +260,12 @@ def validate(cfg, explicit=()):
     if cfg.model not in TINY_CONFIGS and not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"model: '{cfg.model}' is neither a checkpoint directory nor one of "
                                 f"{sorted(TINY_CONFIGS)}")
-    saved = AgentConfig.load(cfg.model) if os.path.isdir(cfg.model) else None
-    for f in dataclasses.fields(AgentConfig):
-        if saved is not None and f"agent.{f.name}" not in explicit:
-            setattr(cfg.agent, f.name, getattr(saved, f.name))
     cfg.agent.validate()
     if cfg.algo == "rl" and cfg.rl.dynamic_sampling:
         dapo.check_dynamic_sampling(cfg.rl.n, cfg.rl.dynamic_sampling)
+    if cfg.eval.every and not cfg.eval.tasks and cfg.data.tasks.partition(":")[0] in ("jsonl", "hotpotqa"):
+        raise ValueError("eval.tasks must name a held-out file when data.tasks is a file (else validation "
+                         "would read the training questions)")
     if cfg.rl.overlong_buffer > cfg.agent.answer_tokens:
         raise ValueError(f"rl.overlong_buffer={cfg.rl.overlong_buffer} exceeds agent.answer_tokens="
                          f"{cfg.agent.answer_tokens}")
@@ -415,8 +420,8 @@ def build_tokenizer(cfg, rank):
 # trainer.json}, written to step_N.tmp and renamed, so a directory named step_N is complete
 
 class Checkpointer:
-    def __init__(self, cfg, rank, world):
-        self.cfg, self.rank, self.world = cfg, rank, world
+    def __init__(self, cfg, rank, world, device):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.dir = os.path.join(cfg.out_dir, "checkpoints")
         self.metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.lock = None
@@ -453,11 +458,11 @@ class Checkpointer:
             self.lock.close()  # closing the file drops the lock
             self.lock = None
 
-    def newest(self):
-        """Complete checkpoint directories, oldest first."""
+    def newest(self, damaged=False):
+        """Complete checkpoint directories, oldest first (with damaged: the renamed damaged ones too)."""
         if not os.path.isdir(self.dir):
             return []
-        return sorted(d for d in os.listdir(self.dir) if re.fullmatch(r"step_\d+", d))
+        return sorted(d for d in os.listdir(self.dir) if re.fullmatch(r"step_\d+" + "(\\.damaged)?" * damaged, d))
 
     def save(self, model, opt, sched, state):
         """Write step_N atomically: into a temporary directory, then one rename (rank 0)."""
@@ -468,7 +473,6 @@ class Checkpointer:
         tmp = final + ".tmp"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(final, ignore_errors=True)  # a damaged one resume skipped
             os.makedirs(tmp)
         barrier()
         model_sd, optim_sd = get_state_dict(model, opt)
@@ -488,38 +492,58 @@ class Checkpointer:
         return final
 
     def load(self, model, opt, sched):
-        """Restore the newest intact checkpoint (a damaged one is named and skipped) -> its state
-        dict (step, position, bad_steps), or None if there is none."""
+        """Restore the newest checkpoint every rank can read -> its state (step, position,
+        bad_steps, agent), or None if there is none. A damaged one is named, renamed step_N.damaged
+        (so that pruning never counts it), and the one before it is tried; the ranks decide
+        together, so none trains on a checkpoint another could not load."""
         for name in reversed(self.newest()):
+            path = os.path.join(self.dir, name)
             try:
-                return self._load(os.path.join(self.dir, name), model, opt, sched)
-            except (Exception, CheckpointException) as e:  # a truncated shard, a missing file: the one before
+                meta, rng = self._read(path)  # this rank's files: trainer.json, its RNG state
+                ok, error = True, None
+            except (Exception, CheckpointException) as e:
+                ok, error = False, e
+            if self._all_ok(ok):
+                try:
+                    self._restore(path, model, opt, sched, meta, rng)  # collective: fails on every rank
+                except (Exception, CheckpointException) as e:
+                    ok, error = False, e
+            if self._all_ok(ok):
                 if self.rank == 0:
-                    print(f"checkpoint {os.path.join(self.dir, name)} is damaged ({type(e).__name__}: "
-                          f"{str(e)[:200]}); trying an older one", flush=True)
+                    self._truncate_metrics(meta["step"])
+                    print(f"resumed from {path} (step {meta['step']})", flush=True)
+                return dict({k: meta[k] for k in ("step", "position", "bad_steps")}, agent=meta["config"]["agent"])
+            if self.rank == 0:
+                print(f"checkpoint {path} is damaged ({type(error).__name__ if error else 'on another rank'}: "
+                      f"{str(error)[:200]}); renamed {name}.damaged, trying an older one", flush=True)
+                shutil.rmtree(path + ".damaged", ignore_errors=True)
+                os.replace(path, path + ".damaged")
+            barrier()
         return None
 
-    def _load(self, path, model, opt, sched):
+    def _all_ok(self, ok):
+        return all_sum({"failed": 0 if ok else 1}, self.device)["failed"] == 0
+
+    def _read(self, path):
+        with open(os.path.join(path, "trainer.json")) as f:
+            meta = json.load(f)
+        rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
+        rng = torch.load(rng_path, weights_only=False) if meta["world"] == self.world else None
+        return meta, rng
+
+    def _restore(self, path, model, opt, sched, meta, rng):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        with open(os.path.join(path, "trainer.json")) as f:
-            meta = json.load(f)
         model_sd, optim_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=os.path.join(path, "state"))
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         sched.load_state_dict(meta["scheduler"])
-        rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
-        if meta["world"] == self.world and os.path.isfile(rng_path):
-            rng = torch.load(rng_path, weights_only=False)
+        if rng is not None:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
-        if self.rank == 0:
-            self._truncate_metrics(meta["step"])
-            print(f"resumed from {path} (step {meta['step']})", flush=True)
-        return dict({k: meta[k] for k in ("step", "position", "bad_steps")}, agent=meta["config"]["agent"])
 
     def _truncate_metrics(self, step):
         """Forget logged steps after the checkpoint, and a line torn by a kill mid-write."""
@@ -560,19 +584,20 @@ def held_out_samples(cfg, tok):
     """The validation questions: eval.samples per task x length, drawn with eval.seed."""
     e, d = cfg.eval, cfg.data
     source = e.tasks or d.tasks
-    fixed = load_task_source(source, tok, d.hotpot_docs, e.seed)
+    fixed = load_task_source(source, tok, d.hotpot_docs, e.seed, num=e.samples)
     if fixed is not None:
         return fixed[:e.samples]
     lengths = (e.lengths or d.lengths).split(",")
     return [s for t in source.split(",") for n in lengths for s in tasks.make_samples(t, n, tok, e.samples, e.seed)]
 
 
-def load_task_source(spec, tok, hotpot_docs, seed):
-    """`jsonl:FILE` or `hotpotqa:FILE` -> its samples; a comma list of task names -> None (generated)."""
+def load_task_source(spec, tok, hotpot_docs, seed, num=None):
+    """`jsonl:FILE` or `hotpotqa:FILE` -> its (first `num`) samples; a comma list of task names ->
+    None (generated)."""
     if spec.startswith("jsonl:"):
         samples = tasks.load_jsonl(spec[6:])
     elif spec.startswith("hotpotqa:"):
-        samples = tasks.load_hotpotqa(spec[9:], hotpot_docs, seed=seed)
+        samples = tasks.load_hotpotqa(spec[9:], hotpot_docs, num_samples=num, seed=seed)
     else:
         unknown = [t for t in spec.split(",") if t not in tasks.TASKS]
         if unknown:
@@ -820,6 +845,7 @@ def per_step(sums, rollout_s):
 
 class Trainer:
     def __init__(self, cfg: Config, reward_fn=None):
+        validate(cfg)  # a Config built in code, not parsed, is checked too
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed()
         torch.manual_seed(cfg.seed + self.rank)
@@ -833,7 +859,7 @@ class Trainer:
         self.held_out = held_out_samples(cfg, self.tok) if cfg.eval.every else []
         self.reward_fn = reward_fn or self._reward
         self.step, self.position, self.bad_steps = 0, 0, 0
-        self.checkpoints = Checkpointer(cfg, self.rank, self.world)
+        self.checkpoints = Checkpointer(cfg, self.rank, self.world, self.device)
 
     def _reward(self, sample, traj):
         if self.cfg.rl.reward == "sample":
@@ -845,10 +871,10 @@ class Trainer:
             print(*args, flush=True)
 
     def next_questions(self, k):
-        """This rank's share of the next k questions of the run."""
+        """This rank's share of the next k questions of the run, with their indices in the run."""
         idx = range(self.position + self.rank, self.position + k, self.world)
         self.position += k
-        return [self.questions.get(i) for i in idx]
+        return [(i, self.questions.get(i)) for i in idx]
 
     def rollout(self):
         """Rounds of n rollouts per question until the ranks together hold questions_per_step
@@ -863,23 +889,26 @@ class Trainer:
             def generate():
                 params = SamplingParams(temperature=cfg.rl.temperature, top_p=cfg.rl.top_p,
                                         seed=derive_seed(cfg.seed, self.position, self.rank))
-                samples = self.next_questions(want)
-                trajs = agent.run(samples, n=cfg.rl.n, params=params)
-                groups = [trajs[i * cfg.rl.n:(i + 1) * cfg.rl.n] for i in range(len(samples))]
-                return [((s, g), shaped_rewards(cfg, self.reward_fn, s, g)) for s, g in zip(samples, groups)]
+                questions = self.next_questions(want)
+                trajs = agent.run([s for _, s in questions], n=cfg.rl.n, params=params)
+                groups = [trajs[j * cfg.rl.n:(j + 1) * cfg.rl.n] for j in range(len(questions))]
+                return [((i, s, g), shaped_rewards(cfg, self.reward_fn, s, g)) for (i, s), g in zip(questions, groups)]
 
             count = lambda kept: all_sum({"kept": len(kept)}, self.device)["kept"]
             kept, seen, rounds = dapo.sample_groups(generate, want, cfg.rl.max_rounds, cfg.rl.dynamic_sampling,
                                                     count=count)
             stats = dict(prefill_tokens=engine.stats["prefill_tokens"], prefix_cache_tokens=engine.blocks.cache_hits)
-        # keep the first `want` groups in rank order, so every rank agrees on the batch
-        counts = all_sum({f"rank{r}": len(kept) if r == self.rank else 0 for r in range(self.world)}, self.device)
-        offset = int(sum(counts[f"rank{r}"] for r in range(self.rank)))
-        kept = kept[:max(0, want - offset)]
-        total = sum(counts.values())
-        stats.update(kept_groups=min(total, want), rounds=rounds, rollout_s=time.perf_counter() - t0,
-                     dropped_groups=all_sum({"d": len(seen) - len(kept)}, self.device)["d"] - max(0, total - want))
-        as_triples = lambda groups: [(s, g, r) for (s, g), r in groups]
+        # keep the `want` kept groups of the earliest questions of the run, whichever rank holds them:
+        # every rank agrees on the batch, and no rank's share (its tasks, its lengths) is cut first
+        mine = [i for (i, _, _), _ in kept]
+        every = [mine] if not dist.is_initialized() else [None] * self.world
+        if dist.is_initialized():
+            dist.all_gather_object(every, mine)
+        chosen = set(sorted(i for ids in every for i in ids)[:want])
+        total, kept = sum(map(len, every)), [grp for grp in kept if grp[0][0] in chosen]
+        stats.update(kept_groups=len(chosen), rounds=rounds, rollout_s=time.perf_counter() - t0,
+                     dropped_groups=all_sum({"d": len(seen) - len(kept)}, self.device)["d"] - (total - len(chosen)))
+        as_triples = lambda groups: [(s, g, r) for (_, s, g), r in groups]
         return as_triples(kept), as_triples(seen), stats
 
     def rl_step(self):
@@ -922,7 +951,7 @@ class Trainer:
                              first_text_id=max(self.tok.special.values(), default=-1) + 1)
         else:
             agent = MemoryAgent(None, self.tok, cfg.agent)
-            rows = [r for s in self.next_questions(cfg.data.questions_per_step)
+            rows = [r for _, s in self.next_questions(cfg.data.questions_per_step)
                     for r in teacher_rows(s, agent, self.tok, cfg.data.sft_direct)]
         m = self.learner.update(self.learner.micro_batches(rows)) or {}
         tokens = all_sum({"t": sum(len(r) for r in rows)}, self.device)["t"]
@@ -974,8 +1003,9 @@ class Trainer:
         # schedule counts RL steps, including those whose groups were all dropped (no optimizer step)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-        if cfg.resume:
-            self.load_checkpoint()
+        if (cfg.resume or cfg.export) and not self.load_checkpoint() and (cfg.export or self.checkpoints.newest(
+                damaged=True)):
+            raise RuntimeError(f"--resume/--export: no checkpoint in {self.checkpoints.dir} could be loaded")
         if cfg.export:
             self.checkpoints.export(self.model, self.tok, self.trained_agent, cfg.export)
             self.log(f"exported step {self.step} of {cfg.out_dir} to {cfg.export}")

@@ -182,6 +182,14 @@ def test_closed_book_keeps_only_the_questions_the_model_cannot_answer(tmp_path, 
     assert answered == [False, True, True, False] and failed == 0 and kept_records == records
     assert all("<section>" not in p and "No previous memory." in p for p in engine.prompts)  # no document
 
+    class Refusing(Oracle):  # every rollout of question 3 fails, as a prompt too long for the window would
+        def step(self):
+            start, out = len(self.prompts), super().step()
+            return [Completion([], [], "error", "too long", c.request_id) if "lamp 3?" in p else c
+                    for c, p in zip(out, self.prompts[start:])]
+    answered, failed = ev.closed_book(Refusing(known), TOK, ORACLE_AGENT, questions, ev.SamplingParams(), n=2)
+    assert answered == [False, True, True, None] and failed == 2  # a failure is not "unanswerable"
+
 
 @pytest.mark.parametrize("mode", ["agent", "direct"])
 def test_evaluate_in_process(checkpoint, mode):

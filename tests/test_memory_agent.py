@@ -309,3 +309,13 @@ def test_quickstart_reads_one_document_with_the_checkpoints_settings(tmp_path, c
         with pytest.raises(SystemExit):
             main(argv + extra)
         assert match in capsys.readouterr().err
+
+
+def test_a_failed_rollout_does_not_hold_its_siblings_chunks():
+    # reader 1 fails after its first chunk; reader 0 reads on, and chunks it has read are dropped
+    stream = ChunkStream(iter([list(range(40))]), 10, readers=2)
+    assert stream.next(0) == list(range(10)) and stream.next(1) == list(range(10))
+    stream.done(1)
+    for k in range(1, 4):
+        assert stream.next(0) == list(range(10 * k, 10 * k + 10))
+        assert len(stream.chunks) <= 1

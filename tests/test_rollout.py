@@ -233,3 +233,18 @@ def test_cuda_graph_decode_equals_eager():
     graph = Engine(m, num_blocks=64, cuda_graphs=True).generate(ps, params)
     eager = Engine(m, num_blocks=64, cuda_graphs=False).generate(ps, params)
     assert [c.token_ids for c in graph] == [c.token_ids for c in eager]
+
+
+def test_a_step_that_fails_mid_forward_leaves_no_false_prefix_hit(model):
+    shared = prompts([64], seed=11)[0]
+    engine = Engine(model, num_blocks=32, block_size=16)
+    run = engine.runner.run
+
+    def fail(batch):
+        raise KeyboardInterrupt
+    engine.runner.run = fail
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([shared], SamplingParams(temperature=0, max_new_tokens=2))
+    engine.runner.run = run  # the blocks scheduled in that step were registered but never written
+    c = engine.generate([shared + [1]], SamplingParams(temperature=0, max_new_tokens=4))[0]
+    assert c.num_prefix_hits == 0 and c.token_ids == naive_greedy(model, shared + [1], 4)

@@ -298,6 +298,24 @@ def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(tmp_path, tokeniz
     history = t.train()
     assert [m["step"] for m in history] == [2, 3]
     assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    # the damaged one is kept aside under its own name, and pruning never counted it
+    assert sorted(os.listdir(ckpts)) == ["step_000001", "step_000002", "step_000002.damaged", "step_000003"]
+    # a resume that can load nothing, while checkpoints exist, stops instead of starting over
+    for d in ("step_000001", "step_000002", "step_000003"):
+        os.remove(ckpts / d / "trainer.json")
+    with pytest.raises(RuntimeError, match="no checkpoint .* could be loaded"):
+        Trainer(config(tmp_path, tokenizer_path, "--steps=4", "--resume", *args)).train()
+
+
+def test_dotted_agent_keys_in_a_config_file_beat_the_checkpoints_agent_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": f"{ROOT}/checkpoints/tiny-sft", "agent.chunk_tokens": 64}))
+    assert parse_config(["--config", str(path)]).agent.chunk_tokens == 64
+
+
+def test_validation_needs_its_own_file_when_training_reads_one():
+    with pytest.raises(ValueError, match="eval.tasks must name a held-out file"):
+        parse_config(["--model=micro", "--data.tasks=jsonl:x.jsonl", "--eval.every=5"])
 
 
 def never_informative(sample, traj):
