@@ -23,6 +23,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -800,6 +801,13 @@ def make_engine(cfg, model, fsdp, step):
                   seed=derive_seed(cfg.seed, step))
 
 
+def reward(kind, sample, traj):
+    """boxed_em: the paper's exact match of the last \\boxed{}; sample: the sample's own scorer."""
+    if kind == "sample":
+        return tasks.score(sample, traj.answer)
+    return tasks.boxed_em(traj.answer, sample.answers, all_of=sample.meta.get("scorer") == "string_match_all")
+
+
 def shaped_rewards(cfg, reward_fn, sample, group):
     """Each trajectory's reward, plus DAPO's overlong penalty on its final answer when enabled."""
     rewards = [float(reward_fn(sample, t)) for t in group]
@@ -857,14 +865,9 @@ class Trainer:
         self.model, self.opt, self.sched = self.learner.model, self.learner.opt, self.learner.sched
         self.questions = Questions(cfg, self.tok)
         self.held_out = held_out_samples(cfg, self.tok) if cfg.eval.every else []
-        self.reward_fn = reward_fn or self._reward
+        self.reward_fn = reward_fn or partial(reward, cfg.rl.reward)
         self.step, self.position, self.bad_steps = 0, 0, 0
         self.checkpoints = Checkpointer(cfg, self.rank, self.world, self.device)
-
-    def _reward(self, sample, traj):
-        if self.cfg.rl.reward == "sample":
-            return tasks.score(sample, traj.answer)
-        return tasks.boxed_em(traj.answer, sample.answers, all_of=sample.meta.get("scorer") == "string_match_all")
 
     def log(self, *args):
         if self.rank == 0:
@@ -977,8 +980,7 @@ class Trainer:
         sums = all_sum(sums, self.device)
         return {k: v / sums[k + "/n"] for k, v in sums.items() if not k.endswith("/n")}
 
-    def load_checkpoint(self):
-        """Resume from the newest intact checkpoint; False if there is none."""
+    def load_checkpoint(self):  # -> False if there is no checkpoint to resume from
         state = self.checkpoints.load(self.model, self.opt, self.sched)
         if state is None:
             return False
