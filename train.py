@@ -1068,12 +1068,15 @@ def log_step(path, m, tb, bar, step):
 def summary(cfg, history, checkpoints):
     """What the run did and what to do next: the last lines a run prints."""
     lines = [f"done: {len(history)} {cfg.algo} steps in this run, now at step {cfg.steps}"]
-    for key in ("reward", "accuracy", "val_accuracy", "loss"):
+    for key in ("reward", "accuracy", "loss"):
         values = [m[key] for m in history if key in m]
         if values:
-            k = min(10, len(values))
+            k = min(10, len(values) // 2 or 1)
             lines.append(f"  {key}: {np.mean(values[:k]):.3f} over the first {k} steps of this run, "
                          f"{np.mean(values[-k:]):.3f} over the last {k}")
+    val = [(m["step"], m["val_accuracy"]) for m in history if "val_accuracy" in m]
+    if val:
+        lines.append("  held-out accuracy: " + ", ".join(f"{a:.3f} at step {s}" for s, a in val[-4:]))
     if checkpoints:
         args = " ".join(a for a in sys.argv[1:] if a != "--resume" and not a.startswith("--export"))
         lines += [f"newest checkpoint: {os.path.join(cfg.out_dir, 'checkpoints', checkpoints[-1])}",
