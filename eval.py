@@ -297,10 +297,15 @@ def format_row(r):
 
 
 def markdown(runs):
-    """One table per task: a row per (run, mode), a column per length, accuracy x100."""
+    """One table per task: a row per (run, mode), a column per length, accuracy x100 and its 95%
+    Wilson interval where the results carry one."""
+    def cell(r):
+        ci = f" [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]" if "ci_low" in r else ""
+        return f"{100 * r['accuracy']:.1f}{ci}" if ci else f"{100 * r['accuracy']:.2f}"
+
     out = []
     for task in dict.fromkeys(r["task"] for _, res in runs for r in res["results"]):
-        cells = {(f"{label} ({r['mode']})", r["length"]): f"{100 * r['accuracy']:.2f}"
+        cells = {(f"{label} ({r['mode']})", r["length"]): cell(r)
                  for label, res in runs for r in res["results"] if r["task"] == task}
         lengths = sorted({l for _, l in cells}, key=lambda l: l or 0)
         out += [f"**{task}** (accuracy x100)", "",
