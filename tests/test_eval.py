@@ -16,6 +16,7 @@ import eval as ev
 from memory_agent import AgentConfig
 from model import TINY_CONFIGS, Transformer
 from rollout import Completion
+from stub_engine import QueueEngine
 from tasks import document_text, make_samples
 from test_memory_agent import CharTokenizer
 from tokenizer import train_sentencepiece
@@ -56,39 +57,23 @@ def checkpoint(tmp_path_factory):
     return path, model, tok
 
 
-class Oracle:
+class Oracle(QueueEngine):
     """The engine's interface around a model that knows the answers to some questions: a memory
     update writes "read", a final turn (or a direct prompt) boxes the known answer or "unknown"."""
 
     def __init__(self, known, fail_on=None):
-        self.known, self.fail_on = known, fail_on
-        self.max_len, self.queue, self.ids, self.prompts = 100_000, [], 0, []
-        self.stats = dict(prefill_tokens=0, decode_tokens=0)
+        super().__init__()
+        self.known, self.fail_on, self.prompts = known, fail_on, []
 
-    def add_request(self, prompt, params):
-        self.queue.append((self.ids, prompt, params))
-        self.ids += 1
-        return self.ids - 1
-
-    def has_unfinished(self):
-        return bool(self.queue)
-
-    def abort(self, rid):
-        self.queue = [q for q in self.queue if q[0] != rid]
-
-    def step(self):
-        done, self.queue = self.queue, []
-        out = []
-        for rid, prompt, params in done:
-            text = TOK.decode(prompt)
-            self.prompts.append(text)
-            problem = re.search(r"<problem>\n(.*?)\n</problem>", text, re.S).group(1)
-            if problem == self.fail_on:
-                raise RuntimeError("the model crashed")
-            reply = "read" if "<section>" in text else f"\\boxed{{{self.known.get(problem, 'unknown')}}}"
-            ids = TOK.encode(reply)[:params.max_new_tokens - 1] + [1]
-            out.append(Completion(ids, [0.0] * len(ids), "stop", None, rid))
-        return out
+    def reply(self, rid, prompt, params):
+        text = TOK.decode(prompt)
+        self.prompts.append(text)
+        problem = re.search(r"<problem>\n(.*?)\n</problem>", text, re.S).group(1)
+        if problem == self.fail_on:
+            raise RuntimeError("the model crashed")
+        reply = "read" if "<section>" in text else f"\\boxed{{{self.known.get(problem, 'unknown')}}}"
+        ids = TOK.encode(reply)[:params.max_new_tokens - 1] + [1]
+        return Completion(ids, [0.0] * len(ids), "stop", None, rid)
 
     def generate(self, prompts, params):
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]

@@ -14,6 +14,7 @@ import torch
 
 from memory_agent import AgentConfig, ChunkStream, MemoryAgent, document_tokens, extract_boxed, main
 from rollout import Completion, Engine, SamplingParams
+from stub_engine import QueueEngine
 from tasks import Sample, make_samples, score
 
 
@@ -36,49 +37,33 @@ class CharTokenizer:
         return ids + self.encode("<assistant>\n")
 
 
-class ScriptedEngine:
+class ScriptedEngine(QueueEngine):
     """The engine's interface around a rule-based policy. Each step answers every queued request,
     like one engine step per turn for the whole batch. It records the order of turns."""
 
     def __init__(self, tok, max_len=100_000):
-        self.tok, self.max_len = tok, max_len
-        self.queue, self.log, self.ids = [], [], 0
-        self.stats = dict(prefill_tokens=0, decode_tokens=0, prefill_s=0.0, decode_s=0.0)
+        super().__init__(max_len)
+        self.tok, self.log = tok, []
 
-    def add_request(self, prompt, params):
-        self.queue.append((self.ids, prompt, params))
-        self.ids += 1
-        return self.ids - 1
-
-    def has_unfinished(self):
-        return bool(self.queue)
-
-    def abort(self, rid):
-        self.queue = [q for q in self.queue if q[0] != rid]
-
-    def step(self):
-        done, self.queue = self.queue, []
-        out = []
-        for rid, prompt, params in done:
-            text = self.tok.decode(prompt)
-            problem = re.search(r"<problem>\n(.*?)\n</problem>", text, re.S).group(1)
-            memory = re.search(r"<memory>\n(.*?)\n</memory>", text, re.S).group(1)
-            key = (re.search(r"for (\S+)\?", problem) or re.search(r"(pass key)", problem)).group(1)
-            section = re.search(r"<section>\n(.*?)\n</section>", text, re.S)
-            self.log.append((problem, "update" if section else "final"))
-            if section:
-                # memory = "kept sentences|unfinished tail": a needle may straddle two chunks
-                kept, _, tail = ("" if memory == "No previous memory." else memory).partition("|")
-                sentences = re.split(r"(?<=\.)(?=\s)", tail + section.group(1))
-                tail = "" if sentences[-1].endswith(".") else sentences.pop()
-                kept = " ".join([kept] + [s.strip() for s in sentences if key in s]).strip()
-                reply = kept + "|" + tail
-            else:
-                numbers = re.findall(r"\d{5,7}", memory.partition("|")[0])
-                reply = f"The number is \\boxed{{{numbers[-1] if numbers else 'none'}}}."
-            ids = self.tok.encode(reply)[: params.max_new_tokens - 1] + [1]
-            out.append(Completion(ids, [-0.5] * len(ids), "stop", None, rid))
-        return out
+    def reply(self, rid, prompt, params):
+        text = self.tok.decode(prompt)
+        problem = re.search(r"<problem>\n(.*?)\n</problem>", text, re.S).group(1)
+        memory = re.search(r"<memory>\n(.*?)\n</memory>", text, re.S).group(1)
+        key = (re.search(r"for (\S+)\?", problem) or re.search(r"(pass key)", problem)).group(1)
+        section = re.search(r"<section>\n(.*?)\n</section>", text, re.S)
+        self.log.append((problem, "update" if section else "final"))
+        if section:
+            # memory = "kept sentences|unfinished tail": a needle may straddle two chunks
+            kept, _, tail = ("" if memory == "No previous memory." else memory).partition("|")
+            sentences = re.split(r"(?<=\.)(?=\s)", tail + section.group(1))
+            tail = "" if sentences[-1].endswith(".") else sentences.pop()
+            kept = " ".join([kept] + [s.strip() for s in sentences if key in s]).strip()
+            reply = kept + "|" + tail
+        else:
+            numbers = re.findall(r"\d{5,7}", memory.partition("|")[0])
+            reply = f"The number is \\boxed{{{numbers[-1] if numbers else 'none'}}}."
+        ids = self.tok.encode(reply)[: params.max_new_tokens - 1] + [1]
+        return Completion(ids, [-0.5] * len(ids), "stop", None, rid)
 
 
 TOK = CharTokenizer()
