@@ -1105,11 +1105,13 @@ def main(argv=None):
         cfg = parse_config(argv)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"train.py: {e}")
-    try:
-        Trainer(cfg).train()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    Trainer(cfg).train()
+    # Only after a clean run, and only once every rank is done communicating: a rank that tears its
+    # process group down while a peer's is still busy can abort, and after a failure on one rank the
+    # others may sit in a collective (torchrun ends them).
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ state = get_model_state_dict(learner.model, options=StateDictOptions(full_state_
 if rank == 0:
     torch.save({"state": state, "grads": grads, "metrics": metrics}, out)
 if dist.is_initialized():
+    dist.barrier()
     dist.destroy_process_group()
 """
 

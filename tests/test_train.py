@@ -163,6 +163,7 @@ def reward(sample, traj):  # rank 1's groups are never informative, so rank 0 al
     return float(dist.get_rank() == 0 and traj.conversations[-1].response_ids[0] % 2 == 0)
 
 Trainer(parse_config(sys.argv[1:]), reward_fn=reward).train()
+dist.barrier()
 dist.destroy_process_group()
 """
 
