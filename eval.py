@@ -263,9 +263,10 @@ def question_file(kind, path):
 
 def closed_book(engine, tokenizer, agent: AgentConfig, samples, params: SamplingParams, n=1):
     """-> (answered flags, rollouts that failed): whether any of n rollouts scores above 0 without the
-    document; None where every rollout failed (such a question is neither kept nor dropped). Asked through the agent's final-answer turn with the empty-memory placeholder, the
-    prompt the policy answers from when nothing was read (a direct prompt with an empty text would
-    test a frame the policy is never trained or evaluated in)."""
+    document; None where every rollout failed (such a question is neither kept nor dropped). Asked
+    through the agent's final-answer turn with the empty-memory placeholder, the prompt the policy
+    answers from when nothing was read (a direct prompt with an empty text would test a frame the
+    policy is never trained or evaluated in)."""
     prompter = MemoryAgent(None, tokenizer, agent)
     prompts = [(i, prompter.prompt(tokenizer.encode(s.question), [])) for i, s in enumerate(samples)]
     params = replace(params, max_new_tokens=agent.answer_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
@@ -453,9 +454,9 @@ def main(argv=None):
             with open(args.closed_book, "w") as f:
                 f.writelines(json.dumps(rec) + "\n" for rec, known in zip(records, answered) if known is False)
             unknown = answered.count(None)
-            print(f"closed book: {answered.count(True)} of {len(records)} questions answered without the document; "
-                  f"wrote the {answered.count(False)} unanswered to {args.closed_book}"
-                  + (f"; {unknown} left out, every rollout of them failed ({failed} rollouts in all)" if unknown else ""))
+            print(f"closed book: {answered.count(True)} of {len(records)} questions answered without the "
+                  f"document; wrote the {answered.count(False)} unanswered to {args.closed_book}"
+                  + (f"; {unknown} left out, all their rollouts failed ({failed} in all)" if unknown else ""))
             return
         res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, agent,
                        args.mode, args.temperature, args.top_p, args.n, args.seed, progress=True, out=args.out,

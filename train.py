@@ -882,7 +882,7 @@ class Trainer:
     def rollout(self):
         """Rounds of n rollouts per question until the ranks together hold questions_per_step
         informative groups (dapo.sample_groups). -> (this rank's kept groups [(sample, trajectories,
-        rewards)] in rank order, every group seen, stats)."""
+        rewards)], every group this rank generated, stats)."""
         cfg, want = self.cfg, self.cfg.data.questions_per_step
         t0 = time.perf_counter()
         with generation_mode(self.model, self.learner.fsdp):
@@ -968,7 +968,8 @@ class Trainer:
         share = self.held_out[self.rank::self.world]
         self.model.eval()
         with generation_mode(self.model, self.learner.fsdp):
-            agent = MemoryAgent(make_engine(self.cfg, self.model, self.learner.fsdp, self.step), self.tok, self.cfg.agent, keep_conversations=False)
+            engine = make_engine(self.cfg, self.model, self.learner.fsdp, self.step)
+            agent = MemoryAgent(engine, self.tok, self.cfg.agent, keep_conversations=False)
             params = SamplingParams(temperature=e.temperature, top_p=e.top_p, seed=derive_seed(e.seed, self.rank))
             trajs = agent.run(share, n=e.n, params=params)
         sums = {}

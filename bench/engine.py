@@ -251,7 +251,8 @@ def main():
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     model = build_model(args.model, dtype=dtype, device=dev).eval()
     vocab = model.config.vocab_size
-    print(f"model {args.model}: {model.num_params() / 1e6:.2f}M params, {dtype}, {dev}, {torch.get_num_threads()} threads")
+    print(f"model {args.model}: {model.num_params() / 1e6:.2f}M params, {dtype}, {dev}, "
+          f"{torch.get_num_threads()} threads")
     engine_kw = dict(kv_cache_bytes=2**28, max_num_seqs=256)
     ragged = make_prompts(args.num_prompts, args.min_len, args.max_len, vocab, args.seed)
     group = [p for p in make_prompts(args.groups, 300, 400, vocab, args.seed + 1) for _ in range(args.group_n)]

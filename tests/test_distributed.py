@@ -92,7 +92,7 @@ TINY = ["--model=micro", "--data.tasks=niah_single", "--data.lengths=300", "--da
 
 
 def metrics(path):
-    drop = lambda m: {k: v for k, v in m.items() if not (k.endswith("_s") or k.endswith("per_s") or k.startswith("peak"))}
+    drop = lambda m: {k: v for k, v in m.items() if not (k.endswith("_s") or k.startswith("peak"))}  # timings
     return [drop(json.loads(x)) for x in open(path / "metrics.jsonl")]
 
 
