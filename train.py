@@ -880,9 +880,8 @@ class Trainer:
         return [(i, self.questions.get(i)) for i in idx]
 
     def rollout(self):
-        """Rounds of n rollouts per question until the ranks together hold questions_per_step
-        informative groups (dapo.sample_groups). -> (this rank's kept groups [(sample, trajectories,
-        rewards)], every group this rank generated, stats)."""
+        """Rounds of n rollouts per question until the ranks hold questions_per_step informative groups
+        (dapo.sample_groups) -> (this rank's kept [(sample, trajectories, rewards)], all it generated, stats)."""
         cfg, want = self.cfg, self.cfg.data.questions_per_step
         t0 = time.perf_counter()
         with generation_mode(self.model, self.learner.fsdp):
