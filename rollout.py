@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import paged_attention
 
 MAX_GRAPH_BATCH = 512  # decode batches up to this size replay a captured CUDA graph
 _M31 = 0x7FFFFFFF
@@ -343,16 +343,16 @@ class PagedKV:
     def attend(self, layer, q, k, v):  # q (1, N, Hq, D), k/v (1, N, Hkv, D)
         q, k, v = q[0], k[0], v[0]
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        kernels.store_kv(k, v, kc, vc, self.slot_mapping, backend=self.backend)
+        paged_attention.store_kv(k, v, kc, vc, self.slot_mapping, backend=self.backend)
         scale, nd = q.shape[-1] ** -0.5, self.num_decode
         if nd == q.shape[0]:
-            return kernels.decode_attention(q, kc, vc, self.context_lens, self.block_tables, scale,
+            return paged_attention.decode_attention(q, kc, vc, self.context_lens, self.block_tables, scale,
                                             backend=self.backend, plans=self.plans)[None]
-        out = kernels.prefill_attention(q[nd:], kc, vc, self.cu_seqlens_q, self.context_lens[nd:],
+        out = paged_attention.prefill_attention(q[nd:], kc, vc, self.cu_seqlens_q, self.context_lens[nd:],
                                         self.block_tables[nd:], self.max_seqlen_q, scale,
                                         backend=self.backend, plans=self.plans)
         if nd:
-            dec = kernels.decode_attention(q[:nd], kc, vc, self.context_lens[:nd], self.block_tables[:nd],
+            dec = paged_attention.decode_attention(q[:nd], kc, vc, self.context_lens[:nd], self.block_tables[:nd],
                                            scale, backend=self.backend, plans=self.plans)
             out = torch.cat([dec, out])
         return out[None]  # (1, N, Hq, D)

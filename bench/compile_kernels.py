@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of kernels/triton_paged.py for NVIDIA GPUs, with no GPU needed.
+"""Compile every Triton kernel of paged_attention/triton_paged.py for NVIDIA GPUs, with no GPU needed.
 
     python bench/compile_kernels.py                      # the whole matrix, as a table
     python bench/compile_kernels.py --ci --json out.json # the CI subset (tests/test_gpu_compile.py)
@@ -32,7 +32,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import triton_paged as tp  # noqa: E402
+from paged_attention import triton_paged as tp  # noqa: E402
 
 # (query heads, kv heads, head dim) of the models the project targets, and the tiny ones it ships
 SHAPES = {"qwen2.5-7b": (28, 4, 128), "qwen2.5-14b": (40, 8, 128), "qwen3-8b": (32, 8, 128),

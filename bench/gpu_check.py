@@ -8,7 +8,7 @@ leaves what it got), each section's full output in DIR/<section>.log, and exits 
 section passed, 1 otherwise. Sections run one after another as subprocesses, each under its own
 time limit; a failing or timed-out section is recorded with its error and the next one runs:
   gpu_tests    python -m pytest -m gpu (pass / fail counts, failures)
-  kernels      bench/kernels.py: paged prefill and decode, Triton against the reference, at Qwen2.5-7B's
+  kernels      bench/attention.py: paged prefill and decode, Triton against the reference, at Qwen2.5-7B's
                head shape; KV-read bandwidth as a fraction of the card's peak
   engine       bench/engine.py --device cuda --json FILE
   train_fsdp   3 RL steps of configs/tiny.json under FSDP2 (bf16 compute), torchrun on one GPU
@@ -181,7 +181,7 @@ def main(argv=None):
     plan = [
         ("gpu_tests", [py, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider",
                        f"--junitxml={out}/gpu_tests.xml"], junit_summary(os.path.join(out, "gpu_tests.xml"))),
-        ("kernels", [py, "bench/kernels.py", "--device", "cuda", "--json", f"{out}/kernels.json"],
+        ("kernels", [py, "bench/attention.py", "--device", "cuda", "--json", f"{out}/kernels.json"],
          json_summary(os.path.join(out, "kernels.json"))),
         ("engine", [py, "bench/engine.py", "--device", "cuda", "--json", f"{out}/engine.json"],
          json_summary(os.path.join(out, "engine.json"))),

@@ -3,7 +3,7 @@
 # tiles under 16, unsupported dtypes, too much shared memory). The launches compiled are the ones the
 # wrappers build, at Qwen2.5-7B's head shape in bf16. conftest.py turned the interpreter on in this
 # process, and an interpreted kernel cannot be compiled (it has no cache_key), so the compile runs in
-# a child process without TRITON_INTERPRET. Then the GPU benchmarks' CPU paths: bench/kernels.py at
+# a child process without TRITON_INTERPRET. Then the GPU benchmarks' CPU paths: bench/attention.py at
 # tiny shapes, and bench/gpu_check.py's exit without CUDA and its failing sections.
 import importlib.util
 import json
@@ -43,16 +43,16 @@ def test_kernels_compile_for_sm90_and_sm80(tmp_path):
 
 
 def load(name, path):
-    """A bench script as a module (bench/ is no package, and bench/kernels.py would shadow kernels/)."""
+    """A bench script as a module (bench/ is no package)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_bench_kernels_on_cpu(tmp_path):
+def test_bench_attention_on_cpu(tmp_path):
     # TRITON_INTERPRET is on (conftest.py): both backends run, and the bench compares their outputs
-    bench = load("bench_kernels", "bench/kernels.py")
+    bench = load("bench_attention", "bench/attention.py")
     out = tmp_path / "k.json"
     rows = bench.main(["--backends", "torch,triton", "--heads", "4,2,16", "--dtype", "fp16", "--batches", "2",
                        "--contexts", "40", "--prefill", "1x24", "--json", str(out)])

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+import paged_attention
+from paged_attention import reference
 
 
 def make_paged(ctx_lens, Hkv, D, block_size, dtype, device="cpu", seed=0, fill=float("nan")):
@@ -98,7 +98,7 @@ def test_store_kv(backend, dtype):
             want_k[s // block_size, s % block_size] = k[i]
             want_v[s // block_size, s % block_size] = v[i]
     slots = slots.to(torch.int32 if dtype == torch.float32 else torch.int64)  # both are accepted
-    kernels.store_kv(k, v, k_cache, v_cache, slots, backend=backend)
+    paged_attention.store_kv(k, v, k_cache, v_cache, slots, backend=backend)
     assert torch.equal(k_cache.nan_to_num(7.0), want_k.nan_to_num(7.0))
     assert torch.equal(v_cache.nan_to_num(7.0), want_v.nan_to_num(7.0))
 
@@ -114,7 +114,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3,
 def test_prefill_triton(dtype, block_size, G):
     q, k_cache, v_cache, cu, ctx, bt, max_q, _, _ = prefill_case(SEQS, 2 if G < 8 else 1, G, 16, block_size, dtype)
     args = (q, k_cache, v_cache, cu, ctx, bt, max_q, 0.25)
-    out = kernels.prefill_attention(*args, backend="triton")
+    out = paged_attention.prefill_attention(*args, backend="triton")
     assert out.dtype == dtype and not out.isnan().any()
     torch.testing.assert_close(out, reference.prefill_attention(*args), **TOL[dtype])
 
@@ -127,7 +127,7 @@ def test_decode_triton(dtype, block_size, G, num_splits, D):
     ks, vs, k_cache, v_cache, ctx, bt = make_paged([1, 16, 37, 70], 2, D, block_size, dtype)
     ctx, bt = torch.cat([ctx, ctx.new_zeros(1)]), torch.cat([bt, torch.full_like(bt[:1], -1)])
     q = torch.randn(5, 2 * G, D).to(dtype)
-    out = kernels.decode_attention(q, k_cache, v_cache, ctx, bt, 0.25, num_splits=num_splits, backend="triton")
+    out = paged_attention.decode_attention(q, k_cache, v_cache, ctx, bt, 0.25, num_splits=num_splits, backend="triton")
     assert out.dtype == dtype and torch.equal(out[4], torch.zeros_like(out[4]))
     want = reference.decode_attention(q, k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0), ctx, bt, 0.25)
     torch.testing.assert_close(out, want, **TOL[dtype])
@@ -136,12 +136,12 @@ def test_decode_triton(dtype, block_size, G, num_splits, D):
 def test_backend_choice(monkeypatch):
     x = torch.zeros(1)
     monkeypatch.delenv("MEMAGENT_KERNELS", raising=False)
-    assert kernels._impl(None, x) is reference
+    assert paged_attention._impl(None, x) is reference
     monkeypatch.setenv("MEMAGENT_KERNELS", "triton")
-    assert kernels._impl(None, x).__name__ == "kernels.triton_paged"
-    assert kernels._impl("torch", x) is reference
+    assert paged_attention._impl(None, x).__name__ == "paged_attention.triton_paged"
+    assert paged_attention._impl("torch", x) is reference
     with pytest.raises(ValueError, match="cuda"):
-        kernels._impl("cuda", x)
+        paged_attention._impl("cuda", x)
 
 
 @pytest.mark.gpu
@@ -153,18 +153,18 @@ def test_triton_vs_reference_cuda(dtype, D, G, block_size):
     q, k_cache, v_cache, cu, ctx, bt, max_q, _, _ = prefill_case(seqs, 2, G, D, block_size, dtype, "cuda")
     args = (q, k_cache, v_cache, cu, ctx, bt, max_q, scale)
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(kernels.prefill_attention(*args, backend="triton"),
+    torch.testing.assert_close(paged_attention.prefill_attention(*args, backend="triton"),
                                reference.prefill_attention(*args), **tol)
     qd = torch.randn(len(seqs), 2 * G, D, device="cuda").to(dtype)
     kf, vf = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)  # the reference decode needs finite slots
     want = reference.decode_attention(qd, kf, vf, ctx, bt, scale)
     for splits in (1, 5, None):
-        got = kernels.decode_attention(qd, k_cache, v_cache, ctx, bt, scale, splits, backend="triton")
+        got = paged_attention.decode_attention(qd, k_cache, v_cache, ctx, bt, scale, splits, backend="triton")
         torch.testing.assert_close(got, want, **tol)
     # decode must be capturable in a CUDA graph: no host syncs, fixed shapes
     graph, qs = torch.cuda.CUDAGraph(), qd.clone()
     with torch.cuda.graph(graph):
-        got = kernels.decode_attention(qs, k_cache, v_cache, ctx, bt, scale, backend="triton")
+        got = paged_attention.decode_attention(qs, k_cache, v_cache, ctx, bt, scale, backend="triton")
     qs.copy_(torch.randn_like(qs))
     graph.replay()
     torch.testing.assert_close(got, reference.decode_attention(qs, kf, vf, ctx, bt, scale), **tol)

@@ -1,8 +1,8 @@
 """Paged-attention kernel throughput: the Triton kernels against their PyTorch reference, side by side.
 
-    python bench/kernels.py --device cuda --json out.json   # Qwen2.5-7B heads (28 q / 4 kv, dim 128), bf16
-    python bench/kernels.py                                 # CPU: the reference at tiny shapes
-    TRITON_INTERPRET=1 python bench/kernels.py --backends torch,triton   # CPU, both (interpreted: slow)
+    python bench/attention.py --device cuda --json out.json   # Qwen2.5-7B heads (28 q / 4 kv, dim 128), bf16
+    python bench/attention.py                                 # CPU: the reference at tiny shapes
+    TRITON_INTERPRET=1 python bench/attention.py --backends torch,triton   # CPU, both (interpreted: slow)
 
 Decode: one query per sequence over context tokens of a paged cache (pages shuffled), every sequence
 of the batch equally long. Its KV-read bandwidth is the K and V bytes the batch owns over the call's
@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
+import paged_attention  # noqa: E402
 
 # datasheet HBM bandwidth, bytes/s; the first name contained in torch's device name wins
 PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 80GB HBM3", 3.35e12), ("H100 SXM", 3.35e12), ("A100-SXM4-80GB", 2.0e12),
@@ -100,7 +100,7 @@ def bench_decode(batch, context, heads, dtype, block_size, backends, device, pea
     Hq, Hkv, D = heads
     kc, vc, lens, tables = paged_cache(batch, context, Hkv, D, block_size, dtype, device, gen)
     q = torch.randn(batch, Hq, D, generator=gen).to(dtype=dtype, device=device)
-    times, diff = compare(lambda b: kernels.decode_attention(q, kc, vc, lens, tables, D ** -0.5, backend=b),
+    times, diff = compare(lambda b: paged_attention.decode_attention(q, kc, vc, lens, tables, D ** -0.5, backend=b),
                           backends, device)
     kv_bytes = 2 * batch * context * Hkv * D * kc.element_size()
     return [dict(op="decode", backend=b, batch=batch, context=context, ms=s * 1e3, tokens_per_s=batch / s,
@@ -113,7 +113,7 @@ def bench_prefill(batch, length, heads, dtype, block_size, backends, device, pea
     kc, vc, lens, tables = paged_cache(batch, length, Hkv, D, block_size, dtype, device, gen)
     q = torch.randn(batch * length, Hq, D, generator=gen).to(dtype=dtype, device=device)
     cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * length
-    times, diff = compare(lambda b: kernels.prefill_attention(q, kc, vc, cu, lens, tables, length, D ** -0.5,
+    times, diff = compare(lambda b: paged_attention.prefill_attention(q, kc, vc, cu, lens, tables, length, D ** -0.5,
                                                               backend=b), backends, device)
     flops = 4 * D * Hq * batch * length * (length + 1) / 2  # query i sees keys 0..i
     kv_bytes = 2 * batch * length * Hkv * D * kc.element_size()
@@ -126,7 +126,7 @@ def parse(text, what, convert=int):
     try:
         return [convert(x) for x in text.split(",") if x]
     except ValueError:
-        raise SystemExit(f"bench/kernels.py: bad {what} {text!r}") from None
+        raise SystemExit(f"bench/attention.py: bad {what} {text!r}") from None
 
 
 def table(rows):
@@ -154,20 +154,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py: --device cuda but torch sees no CUDA device")
+        raise SystemExit("bench/attention.py: --device cuda but torch sees no CUDA device")
     d = DEFAULTS[device.type]
     heads = parse(args.heads or d["heads"], "--heads")
     backends = (args.backends or d["backends"]).split(",")
     if len(heads) != 3 or heads[0] % heads[1]:
-        raise SystemExit(f"bench/kernels.py: --heads wants q,kv,dim with q a multiple of kv, got {heads}")
+        raise SystemExit(f"bench/attention.py: --heads wants q,kv,dim with q a multiple of kv, got {heads}")
     if any(b not in ("triton", "torch") for b in backends):
-        raise SystemExit(f"bench/kernels.py: --backends: expected triton and/or torch, got {backends}")
+        raise SystemExit(f"bench/attention.py: --backends: expected triton and/or torch, got {backends}")
     if device.type == "cpu" and "triton" in backends and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("bench/kernels.py: the triton backend on CPU needs TRITON_INTERPRET=1 in the environment")
+        raise SystemExit("bench/attention.py: the triton backend on CPU needs TRITON_INTERPRET=1 in the environment")
     dtype = DTYPES[args.dtype or d["dtype"]]
     prefill = [parse(c.replace("x", ","), "--prefill case") for c in (args.prefill or d["prefill"]).split(",")]
     if any(len(c) != 2 for c in prefill):
-        raise SystemExit(f"bench/kernels.py: --prefill wants BATCHxLENGTH cases, got {args.prefill!r}")
+        raise SystemExit(f"bench/attention.py: --prefill wants BATCHxLENGTH cases, got {args.prefill!r}")
     gen = torch.Generator().manual_seed(args.seed)
     peak, source = peak_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
