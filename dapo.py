@@ -18,21 +18,12 @@ to a reference policy (coefficient 0 in DAPO; the release used 0.001 of k3 = exp
 d = log pi_ref - log pi, clamped to [-10, 10]), and packing of rows into token-budget micro-batches
 whose losses add up, over micro-batches and data-parallel ranks, to exactly the global mean.
 """
-import math
 from dataclasses import dataclass, replace
 
 import torch
 
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-def _check(name, x, shape):
-    """Raise a ValueError naming `name` if tensor x has the wrong shape or holds NaN/inf."""
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} holds NaN or inf")
+# Settings reach this file checked (settings.RLConfig); values that go NaN in a step are the update
+# step's business (train.Learner.update skips it), so nothing here validates: asserts state shapes.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,27 +35,18 @@ def overlong_penalty(lengths, max_len, buffer):
          0                          if L <= max_len - buffer
          ((max_len - buffer) - L) / buffer   inside the buffer (falls linearly to -1 at L = max_len)
          -1                         if L > max_len"""
-    if not 1 <= buffer <= max_len:
-        raise ValueError(f"buffer must be in [1, max_len={max_len}], got {buffer}")
-    L = torch.as_tensor(lengths, dtype=torch.float32)
-    if L.dim() != 1 or (L < 0).any():
-        raise ValueError("lengths must be a 1-D sequence of non-negative lengths")
+    assert 1 <= buffer <= max_len, (buffer, max_len)
+    L = torch.as_tensor(lengths, dtype=torch.float32)  # (N,)
     return ((max_len - buffer - L) / buffer).clamp(-1.0, 0.0)
 
 
-def group_advantages(rewards, group_ids, norm_by_std=True, eps=1e-6):
+def group_advantages(rewards, group_ids, norm_by_std=False, eps=1e-6):
     """(R - mean) / (std + eps) over each group (same question), Bessel-corrected std, or R - mean
     without norm_by_std -> float32 [N]. A group of one uses mean 0 and std 1; equal rewards get 0.
     group_ids: any 1-D sequence; ids compare as Python values (tensor(3) and 3 are one group)."""
-    r = torch.as_tensor(rewards, dtype=torch.float64)
-    if r.dim() != 1:
-        raise ValueError(f"rewards must be 1-D, got shape {tuple(r.shape)}")
-    _check("rewards", r, r.shape)
-    if getattr(group_ids, "ndim", 1) != 1:
-        raise ValueError(f"group_ids must be 1-D, got shape {tuple(group_ids.shape)}")
+    r = torch.as_tensor(rewards, dtype=torch.float64)  # (N,)
     ids = [g.item() if hasattr(g, "item") else g for g in group_ids]  # tensors hash by identity
-    if len(ids) != len(r):
-        raise ValueError(f"group_ids has {len(ids)} entries for {len(r)} rewards")
+    assert r.dim() == 1 and len(ids) == len(r), (tuple(r.shape), len(ids))
     members = {}
     for i, g in enumerate(ids):
         members.setdefault(g, []).append(i)
@@ -85,13 +67,6 @@ def group_advantages(rewards, group_ids, norm_by_std=True, eps=1e-6):
 # dynamic sampling; a group is a pair (payload, rewards) for one question's n rollouts
 
 
-def check_dynamic_sampling(n, enabled):
-    """Config-time: a group of n = 1 never has two rewards to differ, so every round would be dropped."""
-    if enabled and n < 2:
-        raise ValueError(f"dynamic sampling needs n >= 2 rollouts per question, got n={n}: a group of one "
-                         "reward is never informative (its advantage is 0); raise n or turn it off")
-
-
 def sample_groups(generate, want, max_rounds, enabled=True, count=len):
     """generate() -> a round: a list of (payload, rewards) groups. With enabled, keep the groups whose
     rewards differ (the others' advantages are all 0) and generate again until count(kept) >= want or
@@ -99,33 +74,14 @@ def sample_groups(generate, want, max_rounds, enabled=True, count=len):
     number (train.py sums over data-parallel ranks); it runs once every round, so a collective in it
     stays in step. -> (kept, in order, untrimmed; every group seen, for honest accuracy; rounds run).
     Running out of rounds is not an error: the caller trains on what it has and logs the shortfall."""
-    if want < 1 or max_rounds < 1:
-        raise ValueError(f"want and max_rounds must be >= 1, got want={want}, max_rounds={max_rounds}")
     kept, seen = [], []
     for rounds in range(1, max_rounds + 1):
         new = generate()
-        for i, group in enumerate(new):
-            _check_group(group, f"round {rounds}, group {i}", enabled)
         seen += new
         kept += [g for g in new if not enabled or min(g[1]) != max(g[1])]
         if not enabled or count(kept) >= want:
             break
     return kept, seen, rounds
-
-
-def _check_group(group, where, enabled):
-    if not (isinstance(group, (tuple, list)) and len(group) == 2):
-        raise ValueError(f"generate() {where}: a group must be a (payload, rewards) pair, got {type(group).__name__}")
-    rewards = group[1]
-    try:
-        finite = len(rewards) > 0 and all(math.isfinite(x) for x in rewards)
-    except TypeError:
-        finite = False
-    if not finite:
-        raise ValueError(f"generate() {where}: rewards must be a non-empty list of finite numbers, got {rewards!r}")
-    if enabled and len(rewards) < 2:
-        raise ValueError(f"generate() {where}: a group of one reward is never informative; dynamic sampling "
-                         "needs n >= 2 rollouts per question (see check_dynamic_sampling)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,16 +98,9 @@ class Row:
     advantage: float = 1.0
     old_logprobs: list[float] | None = None
 
-    def __post_init__(self):
-        if not self.prompt_ids:
-            raise ValueError("prompt_ids is empty (the first response token needs a position to predict it)")
-        if not self.response_ids:
-            raise ValueError("response_ids is empty: nothing to train on")
-        if self.old_logprobs is not None and len(self.old_logprobs) != len(self.response_ids):
-            raise ValueError(f"old_logprobs has {len(self.old_logprobs)} entries for "
-                             f"{len(self.response_ids)} response tokens")
-        if not math.isfinite(self.advantage):
-            raise ValueError(f"advantage is {self.advantage}")
+    def __post_init__(self):  # the first response token needs a prompt position to predict it
+        assert self.prompt_ids and self.response_ids, "a row needs a prompt and a response"
+        assert self.old_logprobs is None or len(self.old_logprobs) == len(self.response_ids)
 
     def __len__(self):
         return len(self.prompt_ids) + len(self.response_ids)
@@ -159,8 +108,7 @@ class Row:
 
 def rows_from_trajectories(trajectories, advantages):
     """Multi-Conv: one row per conversation, each carrying its trajectory's advantage."""
-    if len(advantages) != len(trajectories):
-        raise ValueError(f"advantages has {len(advantages)} entries for {len(trajectories)} trajectories")
+    assert len(advantages) == len(trajectories), (len(advantages), len(trajectories))
     return [Row(c.prompt_ids, c.response_ids, float(a), c.logprobs)
             for t, a in zip(trajectories, advantages) for c in t.conversations]
 
@@ -188,10 +136,7 @@ def pack(rows, token_budget):
     """First-fit decreasing (ties in input order) into micro-batches of T <= token_budget tokens; a
     longer row gets one of its own (size the budget for the longest conversation to bound memory).
     Conversations are never split, so the sum of num_tokens is exact."""
-    if token_budget < 1:
-        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-    if len({r.old_logprobs is None for r in rows}) > 1:
-        raise ValueError("rows mix RL rows (with old_logprobs) and SFT rows (without)")
+    assert token_budget >= 1 and len({r.old_logprobs is None for r in rows}) <= 1, "RL and SFT rows mixed"
     bins = []  # [tokens used, row indices]
     for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])):
         for b in bins:
@@ -246,7 +191,7 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k3"):
     if estimator == "k3":
         d = d.clamp(-20.0, 20.0)
         return (d.exp() - d - 1).clamp(-10.0, 10.0)
-    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    raise AssertionError(estimator)
 
 
 def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, dp_size=1, segment_ids=None):
@@ -261,24 +206,15 @@ def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, dp_s
     call returns dp_size * (its part of the sum) / N. Summing over a rank's micro-batches, then
     averaging over ranks (as DDP/FSDP do with gradients), gives (1/dp_size) * dp_size * sum / N = L.
     Without num_tokens / num_seqs, this call is the whole step (dp_size must be 1)."""
-    if agg not in AGGS:
-        raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
     count = num_tokens if agg == "token-mean" else num_seqs
-    if count is None and dp_size != 1:
-        raise ValueError(f"dp_size={dp_size} needs the global {'num_tokens' if agg == 'token-mean' else 'num_seqs'}")
-    if count is not None and count < 1:
-        raise ValueError(f"num_tokens / num_seqs must be >= 1, got {count}")
+    assert count is not None or dp_size == 1, "several ranks need the step's global count"
     mask = mask != 0
-    if not mask.any():
-        raise ValueError("mask is empty: no response token to train on")
     x = torch.where(mask, x, 0.0)
     if agg == "token-mean":
         return x.sum() * dp_size / (mask.sum() if count is None else count)
     if segment_ids is None:
         segment_ids = torch.arange(x.shape[0], device=x.device)[:, None].expand(x.shape)
-    _check("segment_ids", segment_ids, x.shape)
-    if (segment_ids < 0).any():
-        raise ValueError("segment_ids must be >= 0")
+    assert segment_ids.shape == x.shape, (tuple(segment_ids.shape), tuple(x.shape))
     n_seg = int(segment_ids.max()) + 1
     sums = x.new_zeros(n_seg).index_add(0, segment_ids.flatten(), x.flatten())
     n_tok = torch.zeros(n_seg, device=x.device).index_add(0, segment_ids.flatten(), mask.flatten().float())
@@ -298,17 +234,11 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
     Returns (loss, metrics): means over this call's valid tokens of clipfrac (tokens where the clip
     is active: A > 0 and r > 1 + clip_high, or A < 0 and r < 1 - clip_low), clipfrac_lower (A < 0 and
     r > clip_c), ppo_kl = logp_old - logp, ratio, and entropy / kl when given / used."""
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must be [rows, tokens], got shape {tuple(logprobs.shape)}")
-    shape = logprobs.shape
-    for name, x in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("mask", mask), ("entropy", entropy)):
-        if x is not None:
-            _check(name, x, shape)
-    _check("advantages", advantages, shape[:1] if advantages.dim() == 1 else shape)
+    shape = logprobs.shape  # (rows, T)
+    assert logprobs.dim() == 2 and all(x is None or x.shape == shape for x in (old_logprobs, mask, entropy, ref_logprobs))
+    assert advantages.shape in (shape, shape[:1]), (tuple(advantages.shape), tuple(shape))
     if advantages.dim() == 1:
-        advantages = advantages[:, None]
-    if not (0 <= clip_low < 1 and clip_high >= 0 and clip_c > 1):
-        raise ValueError(f"need 0 <= clip_low < 1, clip_high >= 0, clip_c > 1; got {clip_low}, {clip_high}, {clip_c}")
+        advantages = advantages[:, None]  # (rows, 1)
     mask = mask != 0
 
     # padding holds junk: zero the log-ratio there so the ratio is 1, never inf
@@ -316,9 +246,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
     loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)
     if kl_coef:
-        if ref_logprobs is None:
-            raise ValueError("ref_logprobs is required when kl_coef != 0")
-        _check("ref_logprobs", ref_logprobs, shape)
+        assert ref_logprobs is not None, "kl_coef != 0 needs ref_logprobs"
         kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
         loss = loss + kl_coef * kl
     loss = aggregate(loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, dp_size=dp_size,

@@ -19,17 +19,20 @@ question the model cannot answer without the document, as the input held them. E
 checked before the first cell, and --out is rewritten after each cell ("complete": false until the end).
 """
 import argparse
+import io
 import json
 import math
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 
 from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens, extract_boxed
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
+from run_outputs import Outputs, write_file
+from settings import EvalConfig, SettingError, as_dict
 from tasks import (TASKS, Sample, check_length, load_hotpotqa, load_jsonl, make_samples, parse_length, read_records,
                    score)
 from tokenizer import load_tokenizer
@@ -68,22 +71,12 @@ def plan(tasks, lengths):
     return cells
 
 
-def check_writable(path, what):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{what} {path!r}: no such directory {folder!r}")
-    if not os.access(folder, os.W_OK) or os.path.isdir(path):
-        raise ValueError(f"{what} {path!r}: cannot write a file there")
+def task_files(cells):
+    return sorted({path for _, _, path, _ in cells if path})
 
 
-def check_sweep(tasks, lengths, samples, n, tokenizer, seed, out=None, traces=None):
+def check_sweep(tasks, lengths, samples, tokenizer, seed):
     """Every input of a sweep checked before any cell runs -> its cells. ValueError naming the bad one."""
-    for name, value in (("samples", samples), ("n", n)):
-        if type(value) is not int or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    for what, path in (("out", out), ("traces", traces)):
-        if path:
-            check_writable(path, what)
     cells = plan(tasks, lengths)
     docs = {}  # hotpotqa file -> its document counts
     for name, kind, path, length in cells:
@@ -148,24 +141,18 @@ def run_direct(agent, engine, samples, params, n, max_prompt_tokens):
 
 
 def cell_row(name, length, mode, cell, preds, n, seconds):
-    """One cell's summary: accuracy is the mean over questions x rollouts, its interval Wilson's over
-    that many trials. For fractional scorers (string_match_all, f1) it is conservative: a score in
-    [0, 1] with mean p has variance at most p(1 - p)."""
+    """One cell's summary: accuracy is the mean over questions x rollouts; its interval is Wilson's over
+    the questions, the independent draws (a question's n rollouts share its document and answer, so
+    they are not n more trials). For fractional scores (string_match_all, f1, a question's mean over
+    rollouts) it is conservative: a score in [0, 1] with mean p has variance at most p(1 - p)."""
     count = max(len(preds), 1)
     accuracy = sum(p["score"] for p in preds) / count
-    low, high = wilson(accuracy, len(preds))
+    low, high = wilson(accuracy, len(preds) // n)
     read = sum(p["tokens_read"] for p in preds)
     return dict(task=name, length=length, mode=mode, samples=len(cell), n=n, accuracy=accuracy, ci_low=low,
                 ci_high=high, tokens_read=read / count, doc_tokens=sum(p["doc_tokens"] for p in preds) / count,
                 seconds=seconds, tokens_per_s=read / max(seconds, 1e-9),
                 errors=sum(p["error"] is not None for p in preds))
-
-
-def write_json(path, obj):
-    """Whole or not at all: a crash while writing leaves the previous file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def make_engine(model, sequences, seed, progress):
@@ -193,26 +180,29 @@ def cell_runner(engine, tokenizer, agent, mode, params, n, progress):
 
 
 def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode="agent", temperature=0.0,
-             top_p=1.0, n=1, seed=0, engine=None, progress=False, out=None, traces=None) -> dict:
+             top_p=1.0, n=1, seed=0, engine=None, progress=False, out=None, traces=None, outputs=None) -> dict:
     """Run every task x length cell -> {"config", "complete", "results" (a row per cell), "predictions"
     (one per question and rollout)}. `engine` lets a caller (train.py) reuse its own; with `progress`,
     bars and a table row per cell. `out`: the JSON, rewritten after each cell; `traces`: JSONL of each
-    rollout's memories and answer."""
+    rollout's memories and answer; both claimed in `outputs` (a new Outputs if None)."""
+    sweep = EvalConfig(samples=samples, n=n, temperature=temperature, top_p=top_p, seed=seed)
     if mode not in ("agent", "direct"):
-        raise ValueError(f"mode must be 'agent' or 'direct', got {mode!r}")
-    cells = check_sweep(tasks, lengths, samples, n, tokenizer, seed, out, traces)
-    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-    params.check()
-    if engine is None:
-        engine = make_engine(model, samples * n, seed, progress)
-    run_cell = cell_runner(engine, tokenizer, agent, mode, params, n, progress)
-    config = dict(tasks=list(tasks), lengths=[str(l) for l in lengths], samples=samples, n=n, mode=mode,
-                  agent=asdict(agent), temperature=temperature, top_p=top_p, seed=seed)
-    res = dict(config=config, complete=False, results=[], predictions=[])
-    if progress:
-        print(HEADER, flush=True)
-    trace_file = open(traces, "w") if traces else None
+        raise SettingError(f"mode must be 'agent' or 'direct', got {mode!r}")
+    cells = check_sweep(tasks, lengths, samples, tokenizer, seed)
+    own = outputs is None
+    outputs = outputs or Outputs(reads=task_files(cells))
     try:
+        for path, what in ((out, "out"), (traces, "traces")) if own else ():
+            outputs.claim(path, what)
+        params = SamplingParams(temperature=sweep.temperature, top_p=sweep.top_p, seed=seed)
+        if engine is None:
+            engine = make_engine(model, samples * n, seed, progress)
+        run_cell = cell_runner(engine, tokenizer, agent, mode, params, n, progress)
+        config = dict(tasks=list(tasks), lengths=[str(l) for l in lengths], samples=samples, n=n, mode=mode,
+                      agent=as_dict(agent), temperature=temperature, top_p=top_p, seed=seed)
+        res, trace_lines = dict(config=config, complete=False, results=[], predictions=[]), []
+        if progress:
+            print(HEADER, flush=True)
         for name, kind, path, length in cells:
             cell = load_samples(kind, path, length, tokenizer, samples, seed)
             t0 = time.perf_counter()
@@ -228,19 +218,18 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
             if progress:
                 print(format_row(row), flush=True)
             if out:
-                write_json(out, res)
-            if trace_file:
-                trace_file.writelines(json.dumps(dict(task=name, length=length, id=p["id"], rollout=p["rollout"],
-                                                      memories=o["memories"], answer_text=o["answer_text"],
-                                                      answer=o["answer"], score=p["score"], error=o["error"])) + "\n"
-                                      for p, o in zip(preds, outs))
-                trace_file.flush()
+                outputs.write_json(out, res)
+            if traces:
+                trace_lines += [dict(task=name, length=length, id=p["id"], rollout=p["rollout"], memories=o["memories"],
+                                     answer_text=o["answer_text"], answer=o["answer"], score=p["score"],
+                                     error=o["error"]) for p, o in zip(preds, outs)]
+                outputs.write_lines(traces, trace_lines)
+        res["complete"] = True
+        if out:
+            outputs.write_json(out, res)
     finally:
-        if trace_file:
-            trace_file.close()
-    res["complete"] = True
-    if out:
-        write_json(out, res)
+        if own:
+            outputs.release()
     return res
 
 
@@ -344,8 +333,10 @@ def plot(runs, path):
         ax.grid(alpha=0.3)
     axes[0][0].set(ylabel="accuracy (x100)", ylim=(-2, 102))
     axes[0][-1].legend(fontsize=8)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=150, bbox_inches="tight")
     plt.close(fig)
+    write_file(path, png.getvalue())
     print(f"wrote {path}")
     return True
 
@@ -406,26 +397,37 @@ def parser():
 
 
 def check_inputs(args):
-    """Everything a run reads or writes, checked before the model is loaded -> (agent config,
-    tokenizer, the closed-book question file or None). ValueError or OSError naming the bad input."""
+    """Everything a run reads or writes, checked before the model is loaded -> (agent config, tokenizer,
+    the closed-book question file or None, the claimed Outputs). ValueError/OSError naming the bad input."""
     tasks = args.tasks.split(",")
     agent = agent_config(args.model, args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    SamplingParams(temperature=args.temperature, top_p=args.top_p).check()
-    if not args.closed_book:
-        cells = check_sweep(tasks, args.lengths.split(","), args.samples, args.n, tokenizer, args.seed,
-                            args.out, args.traces)
-        if args.protocol and any(kind not in ("hotpotqa", "jsonl") for _, kind, _, _ in cells):
-            raise ValueError(f"--protocol {args.protocol} scores hotpotqa or jsonl questions with sub_em; "
-                             f"the synthetic tasks have their own scorers")
-        return agent, tokenizer, None
-    if len(tasks) != 1 or tasks[0].partition(":")[0] not in ("hotpotqa", "jsonl"):
+    EvalConfig(samples=args.samples, n=args.n, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.closed_book and (len(tasks) != 1 or tasks[0].partition(":")[0] not in ("hotpotqa", "jsonl")):
         raise ValueError(f"--closed-book takes one hotpotqa:FILE or jsonl:FILE task, got {args.tasks!r}")
-    if args.n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {args.n}")
-    check_writable(args.closed_book, "--closed-book")
-    plan(tasks, ["1"])  # the file exists
-    return agent, tokenizer, question_file(*tasks[0].split(":", 1))
+    cells = plan(tasks, ["1"]) if args.closed_book else check_sweep(tasks, args.lengths.split(","), args.samples,
+                                                                    tokenizer, args.seed)
+    if args.protocol and any(kind not in ("hotpotqa", "jsonl") for _, kind, _, _ in cells):
+        raise ValueError(f"--protocol {args.protocol} scores hotpotqa or jsonl questions with sub_em; "
+                         f"the synthetic tasks have their own scorers")
+    outputs = Outputs(reads=task_files(cells) + [args.model, args.tokenizer])
+    for path, what in ((args.out, "--out"), (args.traces, "--traces"), (args.closed_book, "--closed-book"),
+                       (args.plot, "--plot")):
+        outputs.claim(path, what)
+    questions = question_file(*tasks[0].split(":", 1)) if args.closed_book else None
+    return agent, tokenizer, questions, outputs
+
+
+def run_closed_book(args, model, tokenizer, agent, question_set, outputs):
+    records, questions = question_set
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    answered, failed = closed_book(make_engine(model, args.n, args.seed, progress=True), tokenizer, agent,
+                                   questions, params, args.n)
+    outputs.write_lines(args.closed_book, [rec for rec, known in zip(records, answered) if known is False])
+    unknown = answered.count(None)
+    print(f"closed book: {answered.count(True)} of {len(records)} questions answered without the "
+          f"document; wrote the {answered.count(False)} unanswered to {args.closed_book}"
+          + (f"; {unknown} left out, all their rollouts failed ({failed} in all)" if unknown else ""))
 
 
 def main(argv=None):
@@ -433,38 +435,30 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.sources and args.model:
         p.error("--from reports saved results: give it without --model")
-    if args.sources:
-        runs = read_results(p, args.sources)
-    elif not args.model:
+    if not args.sources and not args.model:
         p.error("--model is required (or --from to report saved results)")
-    else:
-        resolve_protocol(p, args)
-        try:
-            agent, tokenizer, question_set = check_inputs(args)
-        except (ValueError, OSError) as e:
-            p.error(str(e))
-        print(f"agent: {asdict(agent)}")
+    try:
+        if args.sources:
+            runs, outputs = read_results(p, args.sources), Outputs(reads=args.sources)
+            outputs.claim(args.plot, "--plot")
+        else:
+            resolve_protocol(p, args)
+            agent, tokenizer, question_set, outputs = check_inputs(args)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
+    if not args.sources:
+        print(f"agent: {as_dict(agent)}")
         dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
         if question_set:
-            records, questions = question_set
-            params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-            answered, failed = closed_book(make_engine(model, args.n, args.seed, progress=True), tokenizer, agent,
-                                           questions, params, args.n)
-            with open(args.closed_book, "w") as f:
-                f.writelines(json.dumps(rec) + "\n" for rec, known in zip(records, answered) if known is False)
-            unknown = answered.count(None)
-            print(f"closed book: {answered.count(True)} of {len(records)} questions answered without the "
-                  f"document; wrote the {answered.count(False)} unanswered to {args.closed_book}"
-                  + (f"; {unknown} left out, all their rollouts failed ({failed} in all)" if unknown else ""))
-            return
+            return run_closed_book(args, model, tokenizer, agent, question_set, outputs)
         res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, agent,
                        args.mode, args.temperature, args.top_p, args.n, args.seed, progress=True, out=args.out,
-                       traces=args.traces)
+                       traces=args.traces, outputs=outputs)
         res["config"].update(model=args.model, tokenizer=args.tokenizer or args.model, dtype=dtype,
                              device=args.device, label=args.label, protocol=args.protocol)
         if args.out:  # evaluate wrote each cell; this adds where the run came from
-            write_json(args.out, res)
+            outputs.write_json(args.out, res)
         runs = [(args.label or os.path.basename(os.path.normpath(args.model)), res)]
     if args.plot:
         plot(runs, args.plot)

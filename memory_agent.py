@@ -16,16 +16,18 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
+from run_outputs import write_file
+from settings import SettingError, Settings, as_dict, at_least, build, nearest, option, read_json
 from tasks import Sample
 from tokenizer import load_tokenizer
 
@@ -65,64 +67,65 @@ TEMPLATES["compact"] = {
 }
 
 
+PLACEHOLDERS = {"update": ("problem", "memory", "section"), "final": ("problem", "memory"),
+                "direct": ("problem", "section"), "empty_memory": ()}
+
+
 def load_template(template):
-    """A built-in name, a dict, or a JSON file with keys update, final (direct, empty_memory optional)."""
+    """A built-in name, a dict, or a JSON file with the keys update and final (direct and empty_memory
+    optional, else the default's). Each prompt holds exactly its placeholders (PLACEHOLDERS); literal
+    braces are doubled, as in str.format."""
     if isinstance(template, dict):
-        t = dict(TEMPLATES["default"], **template)
+        where, given = "template", template
     elif template in TEMPLATES:
-        t = TEMPLATES[template]
-    elif os.path.isfile(str(template)):
-        with open(template) as f:
-            try:
-                t = dict(TEMPLATES["default"], **json.load(f))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{template}: not valid JSON ({e})") from None
+        return TEMPLATES[template]
+    elif isinstance(template, str) and os.path.isfile(template):
+        where, given = template, read_json(template, "a JSON object of prompts")
     else:
-        raise ValueError(f"template '{template}' is neither a built-in {sorted(TEMPLATES)} nor a file")
-    for key, fields in (("update", ("{problem}", "{memory}", "{section}")), ("final", ("{problem}", "{memory}"))):
-        missing = [f for f in fields if f not in t[key]]
-        if missing:
-            raise ValueError(f"template '{key}' lacks the placeholders {missing}")
-    return t
+        raise SettingError(f"template '{template}' is neither a built-in {sorted(TEMPLATES)} nor a file")
+    for key, text in given.items():
+        if key not in PLACEHOLDERS:
+            raise SettingError(f"{where}: unknown key '{key}'{nearest(key, list(PLACEHOLDERS))}")
+        if not isinstance(text, str):
+            raise SettingError(f"{where}: '{key}' must be a string, got {text!r}")
+        names = re.findall(r"\{(\w*)\}", text.replace("{{", "").replace("}}", ""))
+        stray = re.sub(r"\{\w*\}", "", text.replace("{{", "").replace("}}", ""))
+        wrong = sorted("{" + n + "}" for n in set(names) - set(PLACEHOLDERS[key]))
+        wrong += ["a lone brace"] if "{" in stray or "}" in stray else []
+        missing = [p for p in PLACEHOLDERS[key] if p not in names and key in given]
+        if wrong or missing:
+            raise SettingError(f"{where}: '{key}' " + (f"has {wrong} (literal braces are doubled) " if wrong else "")
+                               + (f"lacks the placeholders {['{' + m + '}' for m in missing]}" if missing else ""))
+    for key in ("update", "final"):
+        if key not in given:
+            raise SettingError(f"{where}: no '{key}' prompt")
+    return dict(TEMPLATES["default"], **given)
 
 
 @dataclass
-class AgentConfig:
+class AgentConfig(Settings):
     """The agent's token budgets and template: how a checkpoint reads. Saved beside config.json as
-    agent.json so a checkpoint is evaluated the way it was trained. Plain ints and a str, so that
-    train.py's `--agent.chunk_tokens=...` overrides apply; validate() after setting fields by hand."""
-    chunk_tokens: int = 5000  # document tokens read per memory update
-    memory_tokens: int = 1024  # cap on each new memory (the prompt holds the old one too)
-    answer_tokens: int = 1024  # cap on the final answer
-    question_tokens: int = 1024  # longest question accepted
+    agent.json so a checkpoint is evaluated the way it was trained."""
+    section: ClassVar[str] = "agent."
+    chunk_tokens: int = option(5000, at_least(1))  # document tokens read per memory update
+    memory_tokens: int = option(1024, at_least(1))  # cap on each new memory (the prompt holds the old one too)
+    answer_tokens: int = option(1024, at_least(1))  # cap on the final answer
+    question_tokens: int = option(1024, at_least(1))  # longest question accepted
     template: str = "default"  # a name in TEMPLATES or a JSON file (see load_template)
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.type is int and not (type(v) is int and v >= 1):
-                raise ValueError(f"agent.{f.name} must be an integer >= 1, got {v!r}")
-        if not isinstance(self.template, str):
-            raise ValueError(f"agent.template must be a template name or a file path, got {self.template!r}")
+    def check_together(self):
         try:
             load_template(self.template)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"agent.template: {e}") from None
+        except SettingError as e:
+            raise SettingError(f"agent.template: {e}") from None
 
-    def save(self, model_dir):
+    def save(self, model_dir, outputs=None):
         """Write model_dir/agent.json; a template file is copied in beside it (agent_template.json)."""
-        cfg = asdict(self)
+        cfg = as_dict(self)
         if self.template not in TEMPLATES:
-            dst = os.path.join(model_dir, "agent_template.json")
-            if not (os.path.exists(dst) and os.path.samefile(self.template, dst)):
-                shutil.copyfile(self.template, dst)
             cfg["template"] = "agent_template.json"
-        with open(os.path.join(model_dir, "agent.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-            f.write("\n")
+            write_file(os.path.join(model_dir, cfg["template"]), json.dumps(load_template(self.template), indent=1))
+        write_file(os.path.join(model_dir, "agent.json"), json.dumps(cfg, indent=1) + "\n")
 
     @classmethod
     def load(cls, model_dir):
@@ -131,25 +134,10 @@ class AgentConfig:
         path = os.path.join(model_dir, "agent.json")
         if not os.path.isfile(path):
             return None
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read ({e})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        kinds = {f.name: f.type for f in fields(cls)}
-        for key, value in raw.items():
-            if key not in kinds:
-                raise ValueError(f"{path}: unknown key {key!r}; known: {', '.join(kinds)}")
-            if type(value) is not kinds[key]:
-                raise ValueError(f"{path}: key {key!r} should be {kinds[key].__name__}, got {value!r}")
-        if raw.get("template", "default") not in TEMPLATES and not os.path.isabs(raw["template"]):
+        raw = read_json(path, "a JSON object of agent settings")
+        if isinstance(raw.get("template"), str) and raw["template"] not in TEMPLATES:
             raw["template"] = os.path.join(model_dir, raw["template"])
-        try:
-            return cls(**raw)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return build(cls, raw, path)
 
 
 class SplicedTemplate:
@@ -313,7 +301,6 @@ class MemoryAgent:
         documents); training needs them."""
         self.engine, self.tok = engine, tokenizer
         self.cfg = agent = agent or AgentConfig()
-        agent.validate()  # its fields may have been set one by one since it was built
         t = load_template(agent.template)
         self.update = SplicedTemplate(t["update"], tokenizer)
         self.final = SplicedTemplate(t["final"], tokenizer)
@@ -355,8 +342,7 @@ class MemoryAgent:
         whose question is too long or whose document fails fails alone: its n trajectories carry the
         error. on_turn(trajectory) follows each finished turn. An exception that escapes (an interrupt,
         an engine fault) first aborts this run's requests, so the engine is clean for the next run."""
-        if type(n) is not int or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        assert n >= 1, n
         out, live = [], []
         for i, s in enumerate(samples):
             trajs = [Trajectory(s.id, k) for k in range(n)]
@@ -493,11 +479,11 @@ def main(argv=None):
         if not os.path.isfile(args.document):
             raise ValueError(f"--document: no such file {args.document!r}")
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        params.check()
+        sample = Sample("document", args.question, Path(args.document), [])
         tok = load_tokenizer(args.tokenizer or args.model)
     except (ValueError, OSError) as e:
         p.error(str(e))
-    print(f"agent: {asdict(agent_cfg)}")
+    print(f"agent: {as_dict(agent_cfg)}")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
     try:
@@ -516,7 +502,6 @@ def main(argv=None):
             print(f"--- memory after chunk {len(traj.memories)} ({traj.tokens_read} document tokens read)\n"
                   f"{traj.memories[-1] or '(empty)'}", flush=True)
 
-    sample = Sample("document", args.question, Path(args.document), [])
     traj = agent.run([sample], params=params, on_turn=show)[0]
     if bar is not None:
         bar.close()

@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from settings import read_json
+
 
 # --------------------------------------------------------------------------------------------
 # config
@@ -109,6 +111,55 @@ def rope_from_hf(hf, path, max_pos):
     return theta, check_rope(theta, merged or None, where)
 
 
+def _int(lo):
+    return lambda v: type(v) is int and v >= lo, f"an integer >= {lo}"
+
+
+def _pos_number():
+    return lambda v: type(v) in (int, float) and 0 < v < math.inf, "a positive number"
+
+
+def _exactly(*values):
+    return lambda v: v in values, " or ".join(map(repr, values)) + " (other values are not implemented)"
+
+
+# Every key of a HF config.json: (test, what it must be) for those that change the computation, None for
+# those that do not (names, ids, dtype, caching, initialisation). RoPE keys are read by rope_from_hf.
+HF_KEYS = {
+    "vocab_size": _int(1), "hidden_size": _int(1), "num_hidden_layers": _int(1), "num_attention_heads": _int(1),
+    "num_key_value_heads": (lambda v: v is None or (type(v) is int and v >= 1), "an integer >= 1"),
+    "head_dim": (lambda v: v is None or (type(v) is int and v >= 1), "an integer >= 1"),
+    "intermediate_size": _int(1), "max_position_embeddings": _int(2), "rms_norm_eps": _pos_number(),
+    "tie_word_embeddings": (lambda v: type(v) is bool, "true or false"),
+    "hidden_act": _exactly("silu"), "mlp_bias": _exactly(False), "attention_bias": _exactly(False),
+    "attention_dropout": _exactly(0, 0.0), "pretraining_tp": _int(1),  # tensor-parallel slicing: same math
+    "sliding_window": (lambda v: v is None or (type(v) is int and v >= 1), "null or an integer >= 1"),
+    "use_sliding_window": (lambda v: type(v) is bool, "true or false"), "max_window_layers": _int(0),
+    "layer_types": (lambda v: isinstance(v, list) and set(v) <= {"full_attention", "sliding_attention"},
+                    "a list of full_attention / sliding_attention"),
+    "rope_theta": None, "rope_scaling": None, "rope_parameters": None, "partial_rotary_factor": None,
+    "architectures": None, "model_type": None, "torch_dtype": None, "dtype": None, "transformers_version": None,
+    "use_cache": None, "initializer_range": None, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+    "_name_or_path": None, "output_attentions": None, "output_hidden_states": None, "return_dict": None,
+    "tokenizer_class": None, "id2label": None, "label2id": None, "torchscript": None, "use_return_dict": None,
+}
+
+
+def check_hf_keys(hf, path, family):
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if key not in hf:
+            raise ValueError(f"{path}: missing key '{key}'")
+    for key, value in hf.items():
+        if key not in HF_KEYS:
+            raise ValueError(f"{path}: key '{key}' is not implemented here; if it does not change the model's "
+                             "computation, remove it from the file")
+        rule = HF_KEYS[key]
+        if key == "attention_bias" and family == "qwen2":
+            continue  # Qwen2 always has q/k/v biases and no o_proj bias, whatever the key says
+        if rule is not None and not rule[0](value):
+            raise ValueError(f"{path}: {key}={value!r} must be {rule[1]}")
+
+
 @dataclass
 class ModelConfig:
     family: str = "llama"  # llama | mistral | qwen2 | qwen3
@@ -130,59 +181,47 @@ class ModelConfig:
     eos_token_id: int | list | None = None
 
     def __post_init__(self):
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} (hidden_size / num_attention_heads if absent) must be even "
+                             "and >= 2: RoPE rotates pairs")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads="
+                             f"{self.num_kv_heads}")
         self.rope_scaling = check_rope(self.rope_theta, self.rope_scaling, "ModelConfig")
 
     @classmethod
     def from_hf(cls, path):
-        """Read a HF config.json (a file, or the directory holding it)."""
+        """Read a HF config.json (a file, or the directory holding it). Every key is read, checked (type and
+        range), or known not to change the computation; any other is refused by name (HF_KEYS)."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such config file (a HF model directory needs config.json)")
-        with open(path) as f:
-            try:
-                hf = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        hf = read_json(path, "a HF config object")
         archs = hf.get("architectures") or []
         family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if family is None:
-            raise ValueError(f"{path}: architectures={archs} is not supported; "
-                             f"supported: {sorted(ARCHITECTURES)}")
-
-        def need(key):
-            if key not in hf:
-                raise ValueError(f"{path}: missing key '{key}'")
-            return hf[key]
-
-        num_heads = need("num_attention_heads")
-        hidden = need("hidden_size")
+            raise ValueError(f"{path}: architectures={archs} is not supported; supported: {sorted(ARCHITECTURES)}")
+        check_hf_keys(hf, path, family)
+        num_heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
         max_pos = hf.get("max_position_embeddings", 4096)
         theta, scaling = rope_from_hf(hf, path, max_pos)
         # Sliding-window attention equals full attention for sequences no longer than the window,
         # so a model with an active window is served exactly up to the window's length.
         window = hf.get("sliding_window")
-        if window and hf.get("use_sliding_window", family == "mistral"):
+        sliding = hf.get("use_sliding_window", family == "mistral") or "sliding_attention" in (hf.get("layer_types")
+                                                                                              or ())
+        if window and sliding:
             max_pos = min(max_pos, window)
-        return cls(
-            family=family,
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden,
-            num_layers=need("num_hidden_layers"),
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hidden // num_heads,
-            intermediate_size=need("intermediate_size"),
-            rms_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            max_position_embeddings=max_pos,
-            attention_bias=family == "qwen2" or hf.get("attention_bias", False),
-            qk_norm=family == "qwen3",
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-        )
+        try:
+            return cls(family=family, vocab_size=hf["vocab_size"], hidden_size=hidden,
+                       num_layers=hf["num_hidden_layers"], num_heads=num_heads,
+                       num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                       head_dim=hf.get("head_dim") or hidden // num_heads, intermediate_size=hf["intermediate_size"],
+                       rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                       tie_word_embeddings=hf.get("tie_word_embeddings", False), max_position_embeddings=max_pos,
+                       attention_bias=family == "qwen2", qk_norm=family == "qwen3",
+                       bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_hf(self, dtype=torch.float32):
         """The config.json that HF transformers and vLLM read for this model."""

@@ -13,10 +13,12 @@ A minimal vLLM in five concepts:
   Engine        the front end: validates requests, steps the scheduler and runner, returns Completions
 """
 import enum
+import functools
 import itertools
 import math
 import numbers
 import os
+import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 import paged_attention
+from settings import EngineConfig, Settings, at_least, option, within
 
 MAX_GRAPH_BATCH = 512  # decode batches up to this size replay a captured CUDA graph
 _M31 = 0x7FFFFFFF
@@ -39,41 +42,15 @@ def derive_seed(*parts) -> int:
 # --------------------------------------------------------------------------------------------
 # requests and results
 
-def _is_real(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_int(x):
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k
-    max_new_tokens: int = 256
-    stop_token_ids: tuple = ()
+@dataclass(frozen=True)
+class SamplingParams(Settings):
+    """How one request samples; checked when built, and frozen, so a request that got in stays valid."""
+    temperature: float = option(1.0, at_least(0))  # 0 = greedy
+    top_p: float = option(1.0, within(0, 1, low_open=True))
+    top_k: int = option(0, within(0, 2**31 - 1))  # 0 = no top-k
+    max_new_tokens: int = option(256, within(1, 2**31 - 1))
+    stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None  # None: drawn from the engine's seed sequence
-
-    def check(self):
-        """Raise ValueError naming the first bad field (types first: a string is not a temperature)."""
-        for name, ok, want in (("temperature", _is_real, "a number"), ("top_p", _is_real, "a number"),
-                               ("top_k", _is_int, "an int"), ("max_new_tokens", _is_int, "an int")):
-            if not ok(getattr(self, name)):
-                raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if isinstance(self.stop_token_ids, (str, bytes)) or not all(map(_is_int, self.stop_token_ids)):
-            raise ValueError(f"stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
 
 
 @dataclass
@@ -522,18 +499,34 @@ class ModelRunner:
 # --------------------------------------------------------------------------------------------
 # the engine
 
+def one_thread(method):
+    """An engine's state is one thread's: a second thread is refused while the first is inside a call
+    or has requests in flight (their completions would go to whoever steps next)."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kw):
+        if not self.busy.acquire(blocking=False):
+            raise RuntimeError("Engine: in use by another thread; use one engine per thread")
+        try:
+            me = threading.get_ident()
+            if self.owner not in (None, me) and self.has_unfinished():
+                raise RuntimeError("Engine: another thread has requests in flight; use one engine per thread")
+            self.owner = me
+            return method(self, *args, **kw)
+        finally:
+            self.busy.release()
+    return guarded
+
+
 class Engine:
     def __init__(self, model, num_blocks=None, block_size=16, max_num_seqs=256, max_num_batched_tokens=8192,
                  gpu_memory_utilization=0.9, kv_cache_bytes=2**30, cuda_graphs=True, backend=None,
                  progress=False, seed=0):
         """num_blocks: KV blocks per layer; if None, from free GPU memory x gpu_memory_utilization on
-        CUDA, else from kv_cache_bytes. max_num_batched_tokens: tokens (decode + prefill) per step."""
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"Engine: {name} must be a positive int, got {value!r}")
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"Engine: block_size must be a power of two >= 16, got {block_size}")
+        CUDA, else from kv_cache_bytes. max_num_batched_tokens: tokens (decode + prefill) per step.
+        One thread at a time: a call from a second thread while the first has requests in flight is
+        refused (RuntimeError), never interleaved."""
+        EngineConfig(block_size=block_size, num_blocks=num_blocks or 0, max_num_seqs=max_num_seqs,
+                     max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization)
         cfg, p = model.config, next(model.parameters())
         self.max_len, self.vocab_size = cfg.max_position_embeddings, cfg.vocab_size
         if num_blocks is None:
@@ -551,6 +544,7 @@ class Engine:
         self.requests: dict[int, Sequence] = {}  # live requests by id
         self.rejected: list[Completion] = []  # bad requests, returned by the next step
         self.stats = dict(prefill_tokens=0, decode_tokens=0, steps=0, forward_s=0.0)
+        self.busy, self.owner = threading.RLock(), None
 
     @staticmethod
     def _blocks_from_memory(cfg, p, block_size, gpu_memory_utilization, kv_cache_bytes):
@@ -566,6 +560,7 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
 
+    @one_thread
     def add_request(self, prompt, params: SamplingParams) -> int:
         """Queue a prompt; returns its request id. A bad request finishes at once with an error."""
         rid = next(self.ids)
@@ -581,14 +576,14 @@ class Engine:
         return rid
 
     def _check_request(self, prompt, params):
-        if not isinstance(params, SamplingParams):
+        if not isinstance(params, SamplingParams):  # built, so checked
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        params.check()
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if not prompt:
             raise ValueError("empty prompt")
-        bad = next((t for t in prompt if not _is_int(t) or not 0 <= t < self.vocab_size), None)
+        bad = next((t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)
+                    or not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt holds token id {bad!r}, outside the vocabulary [0, {self.vocab_size})")
         if len(prompt) >= self.max_len:
@@ -597,6 +592,7 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the KV cache "
                              f"({self.num_blocks} blocks of {self.block_size})")
 
+    @one_thread
     def abort(self, request_id):
         """Drop a queued or running request and free its blocks; no Completion is returned for it."""
         seq = self.requests.pop(request_id, None)
@@ -609,6 +605,7 @@ class Engine:
 
     # -- stepping ----------------------------------------------------------------------------------
 
+    @one_thread
     def step(self) -> list[Completion]:
         """Run one mixed decode + prefill step; returns the requests that finished in it (and any
         rejected since the last step)."""
@@ -651,6 +648,7 @@ class Engine:
         del self.requests[s.id]
         return Completion(s.output, s.logprobs, s.finish_reason, None, s.id, s.num_prefix_hits)
 
+    @one_thread
     def generate(self, prompts, params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Generate a completion for every prompt (same order). params: one for all, or one each."""
         if isinstance(params, (list, tuple)):

@@ -16,6 +16,7 @@ needle numbered `until` is read, if any); depth (of the first relevant needle): 
 
 import json
 import math
+import os
 import re
 import string
 import zlib
@@ -30,11 +31,18 @@ import numpy as np
 
 @dataclass
 class Sample:
+    """One question over one document; every sample passes this check, whatever made it."""
     id: str
     question: str
-    document: Union[str, Callable[[], Iterator[str]]]
+    document: Union[str, list, os.PathLike, Callable[[], Iterator[str]]]
     answers: list[str]
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not (isinstance(self.question, str) and self.question.strip()):
+            raise ValueError(f"sample {self.id}: the question must be a non-empty string, got {self.question!r}")
+        if not (isinstance(self.answers, list) and all(isinstance(a, str) and a.strip() for a in self.answers)):
+            raise ValueError(f"sample {self.id}: answers must be a list of non-empty strings, got {self.answers!r}")
 
 
 def document_pieces(sample: Sample) -> Iterator[str]:
@@ -426,6 +434,9 @@ def _check_hotpot_item(path, i, item):
         if not (isinstance(para, list) and len(para) == 2 and isinstance(para[0], str)
                 and isinstance(para[1], list) and all(isinstance(s, str) for s in para[1])):
             raise ValueError(f"{path}: item {i} key 'context' should hold [title, [sentences]] pairs")
+    if not item["context"] or not item["supporting_facts"]:
+        raise ValueError(f"{path}: item {i} has an empty 'context' or 'supporting_facts': its own paragraphs "
+                         "are what the question is about")
     titles = {title for title, _ in item["context"]}
     for fact in item["supporting_facts"]:
         if not (isinstance(fact, list) and len(fact) == 2 and isinstance(fact[0], str)

@@ -11,7 +11,7 @@ log-probs -> for each mini-batch: token-budget micro-batches, loss over the step
 count, backward, grad clip, AdamW. The loop is `train()` at the bottom; what it calls is above it:
 config, distributed helpers, building the policy, checkpoints, data, rollout, the update.
 """
-import dataclasses
+import errno
 import fcntl
 import json
 import math
@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -35,241 +35,98 @@ import tasks
 from memory_agent import AgentConfig, ChunkStream, MemoryAgent, document_tokens
 from model import TINY_CONFIGS, Transformer, build_model
 from rollout import Engine, SamplingParams, derive_seed
+from settings import (INT64, TASK_FILES, DataConfig, EngineConfig, EvalConfig, OptimConfig, RLConfig, SettingError,
+                      Settings, as_dict, at_least, build, flatten, merge, nest, one_of, option, parse_flags, read_json,
+                      within)
 from tokenizer import load_tokenizer, train_sentencepiece
 
 COPY_ROW_TOKENS = 128  # tokens predicted by one copy-warm-up row (it holds one more, the first input)
 
 
 # --------------------------------------------------------------------------------------------
-# config: one dataclass tree, a JSON file, --key=value overrides (dots for nesting)
+# config: one tree of settings (settings.py), a JSON file, --key=value overrides (dots for nesting)
 
 @dataclass
-class DataConfig:
-    tasks: str = "niah_single"  # comma list of tasks.TASKS names, or jsonl:FILE / hotpotqa:FILE
-    lengths: str = "1k"  # document lengths of synthetic questions (comma list, cycled)
-    hotpot_docs: int = 200  # documents per HotpotQA question
-    questions_per_step: int = 8  # over all ranks
-    shuffle: bool = True  # a file's questions in a fresh seeded order each epoch, or in file order
-    # SFT of a model trained from scratch (the embedded tiny agent):
-    copy_warmup_steps: int = 0  # first steps train on repeated random text (copy_rows) instead
-    tokenizer_tasks: str = ""  # tasks whose text trains a from-scratch tokenizer (default TOKENIZER_TASKS)
-    sft_direct: bool = False  # also teach answering from the whole document (the --mode direct baseline)
-
-
-@dataclass
-class RLConfig:
-    n: int = 16  # rollouts per question (the group)
-    mini_batches: int = 1  # optimizer steps per rollout step
-    temperature: float = 1.0
-    top_p: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    clip_c: float = 3.0
-    loss_agg: str = "token-mean"
-    norm_by_std: bool = False  # the released MemAgent scripts use R - mean(R)
-    reward: str = "boxed_em"  # boxed_em (the paper's) | sample (the sample's own scorer)
-    overlong_buffer: int = 0  # > 0: DAPO's soft penalty on final answers near answer_tokens
-    dynamic_sampling: bool = True
-    max_rounds: int = 3  # generation rounds per step; then it trains on the informative groups it has
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    warmup_steps: int = 20
-    cooldown_steps: int = 0  # the LR falls linearly to 0 over the run's last cooldown_steps steps
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    micro_batch_tokens: int = 16384
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    num_blocks: int = 0  # 0: sized from memory
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    gpu_memory_utilization: float = 0.5  # of the card, after the training state
-    cuda_graphs: bool = True
-
-
-@dataclass
-class EvalConfig:
-    """Held-out validation during training: never trained on (its own seed, or its own file)."""
-    every: int = 0  # steps between validations; 0 = never
-    tasks: str = ""  # default: data.tasks
-    lengths: str = ""  # default: data.lengths
-    samples: int = 8  # questions per task x length
-    n: int = 1  # rollouts per question
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 1_000_003  # synthetic held-out questions are drawn with this seed, not the run's
-
-
-@dataclass
-class Config:
+class Config(Settings):
     model: str = "tiny"  # a HF checkpoint directory, or a tiny config name (fresh weights)
     tokenizer: str = ""  # default: the model directory
-    algo: str = "rl"  # rl | sft
-    steps: int = 20
+    algo: str = option("rl", one_of("rl", "sft"))
+    steps: int = option(20, at_least(1))
     out_dir: str = "runs/tiny"
-    seed: int = 0
-    parallel: str = "auto"  # auto (fsdp on CUDA with several ranks, else ddp) | ddp | fsdp
-    dtype: str = "float32"  # parameter dtype without FSDP (FSDP keeps fp32 masters, computes in bf16)
+    seed: int = option(0, within(0, INT64))
+    parallel: str = option("auto", one_of("auto", "ddp", "fsdp"))  # auto: fsdp on CUDA with several ranks
+    dtype: str = option("float32", one_of("float32", "bfloat16", "float16"))  # parameters, without FSDP
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
+    checkpoint_every: int = option(10, at_least(1))
+    keep_checkpoints: int = option(2, at_least(1))
     resume: bool = False
     export: str = ""  # write the (resumed) model to this directory in HF format and exit
-    max_bad_steps: int = 3  # stop after this many non-finite steps in a row
+    max_bad_steps: int = option(3, at_least(1))  # stop after this many non-finite steps in a row
     progress: bool = True
-    data: DataConfig = field(default_factory=DataConfig)
-    agent: AgentConfig = field(default_factory=AgentConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = option(DataConfig)
+    agent: AgentConfig = option(AgentConfig)
+    rl: RLConfig = option(RLConfig)
+    optim: OptimConfig = option(OptimConfig)
+    engine: EngineConfig = option(EngineConfig)
+    eval: EvalConfig = option(EvalConfig)
+
+    def check_together(self):
+        if self.model not in TINY_CONFIGS and not os.path.isdir(self.model):
+            raise SettingError(f"model: '{self.model}' is neither a checkpoint directory nor one of "
+                               f"{sorted(TINY_CONFIGS)}")
+        for key, spec in (("data.tasks", self.data.tasks), ("eval.tasks", self.eval.tasks),
+                          ("data.tokenizer_tasks", self.data.tokenizer_tasks)):
+            check_task_spec(key, spec, files=key != "data.tokenizer_tasks")
+        if self.algo == "rl" and self.rl.dynamic_sampling and self.rl.n < 2:
+            raise SettingError(f"rl.dynamic_sampling needs rl.n >= 2 rollouts per question, got {self.rl.n}: a "
+                               "group of one reward is never informative; raise rl.n or turn it off")
+        if self.eval.every and not self.eval.tasks and self.data.tasks.partition(":")[0] in TASK_FILES:
+            raise SettingError("eval.tasks must name a held-out file when data.tasks is a file (else validation "
+                               "would read the training questions)")
+        if self.rl.overlong_buffer > self.agent.answer_tokens:
+            raise SettingError(f"rl.overlong_buffer={self.rl.overlong_buffer} exceeds agent.answer_tokens="
+                               f"{self.agent.answer_tokens}")
+        if self.export and any(os.path.realpath(self.export) == os.path.realpath(p)
+                               for p in (self.model, self.tokenizer, self.out_dir) if p):
+            raise SettingError(f"export: '{self.export}' is the run's model, tokenizer or out_dir; export to a "
+                               "new directory")
 
 
-def _convert(kind, value):
-    """value as `kind` (bool, int, float, str), from JSON or command-line text; never truncates."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-    elif kind is int and not isinstance(value, bool):
-        number = float(value) if isinstance(value, str) else value
-        if isinstance(number, (int, float)) and math.isfinite(number) and number == int(number):
-            return int(number)
-    elif kind is float and not isinstance(value, bool):
-        number = float(value) if isinstance(value, (str, int, float)) else None
-        if number is not None and math.isfinite(number):
-            return number
-    elif kind is str and isinstance(value, str):
-        return value
-    raise ValueError(value)
-
-
-def _set(obj, key, value, where, section="", assigned=None):
-    """Set dotted `key` on the config tree, converting `value` to the field's type; every leaf key
-    set is added to `assigned`."""
-    head, _, rest = key.partition(".")
-    full = section + key
-    if head not in {f.name for f in dataclasses.fields(obj)}:
-        raise ValueError(f"{where}: unknown config key '{full}'")
-    current = getattr(obj, head)
-    if dataclasses.is_dataclass(current):
-        if rest:
-            return _set(current, rest, value, where, section + head + ".", assigned)
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: '{full}' is a section; give it a JSON object")
-        for k, v in value.items():
-            _set(current, k, v, where, section + head + ".", assigned)
+def check_task_spec(key, spec, files=True):
+    """A comma list of task names, or (files) one jsonl:FILE / hotpotqa:FILE (read when the run starts)."""
+    if files and spec.partition(":")[0] in TASK_FILES:
         return
-    if rest:
-        raise ValueError(f"{where}: '{section + head}' has no sub-keys ('{full}')")
-    kind = type(current)
-    try:
-        value = _convert(kind, value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: '{full}' expects {kind.__name__}, got {value!r}") from None
-    setattr(obj, head, value)
-    if assigned is not None:
-        assigned.add(full)
+    unknown = [t for t in spec.split(",") if t and t not in tasks.TASKS]
+    if unknown:
+        raise SettingError(f"{key}: unknown tasks {unknown}; known: {sorted(tasks.TASKS)}"
+                           + (", or jsonl:FILE / hotpotqa:FILE" if files else ""))
 
 
-# (key, test, what it must be): every numeric key of the tree, checked after all overrides
-RULES = [(k, lambda v: v >= 1, ">= 1") for k in (
-    "steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "data.hotpot_docs",
-    "data.questions_per_step", "rl.n", "rl.mini_batches", "rl.max_rounds", "optim.micro_batch_tokens",
-    "engine.block_size", "engine.max_num_seqs", "engine.max_num_batched_tokens", "eval.samples", "eval.n")]
-RULES += [(k, lambda v: v >= 0, ">= 0") for k in (
-    "seed", "data.copy_warmup_steps", "rl.overlong_buffer", "rl.kl_coef", "optim.warmup_steps",
-    "optim.cooldown_steps", "optim.weight_decay", "engine.num_blocks", "eval.every", "eval.temperature",
-    "eval.seed")]
-RULES += [
-    ("rl.temperature", lambda v: v > 0, "> 0 (RL samples its rollouts)"),
-    ("rl.top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("eval.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("rl.clip_low", lambda v: 0 <= v < 1, "in [0, 1)"), ("rl.clip_high", lambda v: v >= 0, ">= 0"),
-    ("rl.clip_c", lambda v: v > 1, "> 1"), ("optim.lr", lambda v: v > 0, "> 0"),
-    ("optim.beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("optim.beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optim.grad_clip", lambda v: v > 0, "> 0"),
-    ("engine.gpu_memory_utilization", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("algo", lambda v: v in ("rl", "sft"), "rl or sft"),
-    ("parallel", lambda v: v in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp"),
-    ("dtype", lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
-    ("rl.loss_agg", lambda v: v in dapo.AGGS, f"one of {dapo.AGGS}"),
-    ("rl.reward", lambda v: v in ("boxed_em", "sample"), "boxed_em or sample"),
-    ("rl.kl_estimator", lambda v: v in dapo.KL_ESTIMATORS, f"one of {dapo.KL_ESTIMATORS}"),
-]
-
-
-def _get(cfg, key):
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+# what a resumed run may change: how long it runs and how it reports, never what it computes
+RESUMABLE = {"steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "progress", "resume", "export",
+             "eval.every"}
 
 
 def parse_config(argv):
-    """--config FILE first, then --key=value (or --key value) overrides; a bare flag (--resume)
-    means true. Agent keys not set here come from the model directory's agent.json, if any."""
-    cfg, args, explicit = Config(), list(argv), set()
-    if "--config" in args:
-        i = args.index("--config")
-        path = args[i + 1] if i + 1 < len(args) else ""
-        del args[i:i + 2]
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--config: no such file '{path}'")
-        with open(path) as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-        for k, v in raw.items():
-            _set(cfg, k, v, path, assigned=explicit)
-    while args:
-        a = args.pop(0)
-        if not a.startswith("--"):
-            raise ValueError(f"argument '{a}': expected --key=value")
-        key, eq, value = a[2:].partition("=")
-        if not eq:  # --key value, or a bare boolean flag
-            value = args.pop(0) if args and not args[0].startswith("--") else "true"
-        key = key.replace("-", "_")
-        _set(cfg, key, value, "command line", assigned=explicit)
-    if os.path.isdir(cfg.model):  # agent settings not given here: the model's agent.json, if any
-        saved = AgentConfig.load(cfg.model)
-        for f in dataclasses.fields(AgentConfig):
-            if saved is not None and f"agent.{f.name}" not in explicit:
-                setattr(cfg.agent, f.name, getattr(saved, f.name))
-    validate(cfg)
-    return cfg
+    """--config FILE (or --config=FILE) first, then --key=value (or --key value) overrides; a bare flag
+    (--resume) means true. Agent keys not set here come from the model directory's agent.json, if any."""
+    flags, path = parse_flags(argv)
+    values = merge(nest(read_json(path, "a JSON object of settings"), path) if path else {}, flags)
+    model = values.get("model", Config.model)
+    saved = AgentConfig.load(model) if isinstance(model, str) and os.path.isdir(model) else None
+    if saved is not None:
+        values["agent"] = merge(as_dict(saved), values.get("agent", {}))
+    return build(Config, values, f"{path} and the command line" if path else "command line")
 
 
-def validate(cfg):
-    """Every key's range and the combinations that cannot work, before any work."""
-    for key, ok, what in RULES:
-        if not ok(_get(cfg, key)):
-            raise ValueError(f"config key '{key}' must be {what}, got {_get(cfg, key)!r}")
-    unknown = [t for t in cfg.data.tokenizer_tasks.split(",") if t and t not in tasks.TASKS]
-    if unknown:
-        raise ValueError(f"config key 'data.tokenizer_tasks': unknown tasks {unknown}; known: {sorted(tasks.TASKS)}")
-    if cfg.model not in TINY_CONFIGS and not os.path.isdir(cfg.model):
-        raise FileNotFoundError(f"model: '{cfg.model}' is neither a checkpoint directory nor one of "
-                                f"{sorted(TINY_CONFIGS)}")
-    cfg.agent.validate()
-    if cfg.algo == "rl" and cfg.rl.dynamic_sampling:
-        dapo.check_dynamic_sampling(cfg.rl.n, cfg.rl.dynamic_sampling)
-    if cfg.eval.every and not cfg.eval.tasks and cfg.data.tasks.partition(":")[0] in ("jsonl", "hotpotqa"):
-        raise ValueError("eval.tasks must name a held-out file when data.tasks is a file (else validation "
-                         "would read the training questions)")
-    if cfg.rl.overlong_buffer > cfg.agent.answer_tokens:
-        raise ValueError(f"rl.overlong_buffer={cfg.rl.overlong_buffer} exceeds agent.answer_tokens="
-                         f"{cfg.agent.answer_tokens}")
+def check_resume(cfg, saved, where):
+    """A resumed run keeps the settings it was made with, so that its record does not lie."""
+    now, then = flatten(as_dict(cfg)), flatten(saved)
+    changed = [k for k in sorted(set(now) | set(then)) if k not in RESUMABLE and now.get(k) != then.get(k)]
+    if changed:
+        diff = "; ".join(f"{k}={then.get(k)!r} there, {now.get(k)!r} now" for k in changed[:6])
+        raise SettingError(f"--resume: {where} was made with other settings ({diff}). Resume with the same "
+                           f"settings (only {', '.join(sorted(RESUMABLE))} may change), or start a new out_dir")
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,21 +333,53 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         barrier()
-        model_sd, optim_sd = get_state_dict(model, opt)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "state"))
-        torch.save({"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-                   os.path.join(tmp, f"rng_rank{self.rank}.pt"))
-        barrier()
+        try:
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "state"))
+            torch.save({"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                       os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+            barrier()
+            if self.rank == 0:
+                with open(os.path.join(tmp, "trainer.json"), "w") as f:
+                    json.dump(dict(state, scheduler=sched.state_dict(), world=self.world,
+                                   config=as_dict(self.cfg)), f, indent=2)
+        except (OSError, CheckpointException) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(self._write_error(final, e)) from None
         if self.rank == 0:
-            with open(os.path.join(tmp, "trainer.json"), "w") as f:
-                json.dump(dict(state, scheduler=sched.state_dict(), world=self.world,
-                               config=dataclasses.asdict(self.cfg)), f, indent=2)
             os.replace(tmp, final)
             for old in self.newest()[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(os.path.join(self.dir, old))
         barrier()
         return final
+
+    def _write_error(self, path, error):
+        """What a failed save says: a full disk as a full disk, and that nothing before it was lost."""
+        chain, e = [], error
+        while e is not None:
+            chain.append(e)
+            e = e.__cause__ or e.__context__ or next(iter(getattr(e, "failures", {}).values()), None)
+            e = e[0] if isinstance(e, tuple) else e  # DCP keeps (exception, traceback) per rank
+            if len(chain) > 20 or e in chain:
+                break
+        full = any(getattr(x, "errno", None) == errno.ENOSPC or "No space left" in str(x) for x in chain)
+        kept = f"the checkpoints before it are intact ({', '.join(self.newest()) or 'none yet'})"
+        if full:
+            free = shutil.disk_usage(self.dir).free
+            return f"checkpoint {path}: the disk is full ({free / 2**20:.0f} MiB free in {self.dir}); {kept}"
+        return f"checkpoint {path}: cannot write ({type(error).__name__}: {str(error)[:300]}); {kept}"
+
+    def saved_settings(self):
+        """The settings the newest readable checkpoint was made with, and its path; (None, None) if none."""
+        for name in reversed(self.newest()):
+            path = os.path.join(self.dir, name)
+            try:
+                with open(os.path.join(path, "trainer.json")) as f:
+                    return json.load(f)["config"], path
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: load() names it damaged and tries an older one
+        return None, None
 
     def load(self, model, opt, sched):
         """Restore the newest checkpoint every rank can read -> its state (step, position,
@@ -513,7 +402,7 @@ class Checkpointer:
                 if self.rank == 0:
                     self._truncate_metrics(meta["step"])
                     print(f"resumed from {path} (step {meta['step']})", flush=True)
-                return dict({k: meta[k] for k in ("step", "position", "bad_steps")}, agent=meta["config"]["agent"])
+                return {k: meta[k] for k in ("step", "position", "bad_steps")}
             if self.rank == 0:
                 print(f"checkpoint {path} is damaged ({type(error).__name__ if error else 'on another rank'}: "
                       f"{str(error)[:200]}); renamed {name}.damaged, trying an older one", flush=True)
@@ -529,7 +418,7 @@ class Checkpointer:
         with open(os.path.join(path, "trainer.json")) as f:
             meta = json.load(f)
         rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
-        rng = torch.load(rng_path, weights_only=False) if meta["world"] == self.world else None
+        rng = torch.load(rng_path, weights_only=True) if meta["world"] == self.world else None
         return meta, rng
 
     def _restore(self, path, model, opt, sched, meta, rng):
@@ -600,12 +489,9 @@ def load_task_source(spec, tok, hotpot_docs, seed, num=None):
     elif spec.startswith("hotpotqa:"):
         samples = tasks.load_hotpotqa(spec[9:], hotpot_docs, num_samples=num, seed=seed)
     else:
-        unknown = [t for t in spec.split(",") if t not in tasks.TASKS]
-        if unknown:
-            raise ValueError(f"data.tasks: unknown tasks {unknown}; known: {sorted(tasks.TASKS)}")
-        return None
+        return None  # task names, checked with the settings
     if not samples:
-        raise ValueError(f"data.tasks: {spec} holds no samples")
+        raise SettingError(f"data.tasks: {spec} holds no samples")
     return samples
 
 
@@ -853,13 +739,20 @@ def per_step(sums, rollout_s):
 
 class Trainer:
     def __init__(self, cfg: Config, reward_fn=None):
-        validate(cfg)  # a Config built in code, not parsed, is checked too
-        self.cfg = cfg
+        self.cfg = cfg  # checked when it was built
         self.rank, self.world, self.device = setup_distributed()
         torch.manual_seed(cfg.seed + self.rank)
         if cfg.data.questions_per_step % self.world:
-            raise ValueError(f"data.questions_per_step={cfg.data.questions_per_step} must be divisible by "
-                             f"the {self.world} ranks")
+            raise SettingError(f"data.questions_per_step={cfg.data.questions_per_step} must be divisible by "
+                               f"the {self.world} ranks")
+        self.checkpoints = Checkpointer(cfg, self.rank, self.world, self.device)
+        saved, where = self.checkpoints.saved_settings()
+        if cfg.export and saved:  # an export writes the run as it was trained, whatever else was passed
+            keep = dict(export=cfg.export, resume=True, out_dir=cfg.out_dir, progress=cfg.progress)
+            self.cfg = cfg = build(Config, merge(saved, keep), where)
+            self.checkpoints.cfg = cfg
+        elif cfg.resume and saved:
+            check_resume(cfg, saved, where)
         self.tok = build_tokenizer(cfg, self.rank)
         self.learner = Learner(cfg, self.world, self.device, self.tok.vocab_size)
         self.model, self.opt, self.sched = self.learner.model, self.learner.opt, self.learner.sched
@@ -867,7 +760,6 @@ class Trainer:
         self.held_out = held_out_samples(cfg, self.tok) if cfg.eval.every else []
         self.reward_fn = reward_fn or partial(reward, cfg.rl.reward)
         self.step, self.position, self.bad_steps = 0, 0, 0
-        self.checkpoints = Checkpointer(cfg, self.rank, self.world, self.device)
 
     def log(self, *args):
         if self.rank == 0:
@@ -985,7 +877,6 @@ class Trainer:
         if state is None:
             return False
         self.step, self.position, self.bad_steps = state["step"], state["position"], state["bad_steps"]
-        self.trained_agent = AgentConfig(**state["agent"])
         return True
 
     def save_checkpoint(self):
@@ -1009,10 +900,10 @@ class Trainer:
                 damaged=True)):
             raise RuntimeError(f"--resume/--export: no checkpoint in {self.checkpoints.dir} could be loaded")
         if cfg.export:
-            self.checkpoints.export(self.model, self.tok, self.trained_agent, cfg.export)
+            self.checkpoints.export(self.model, self.tok, cfg.agent, cfg.export)
             self.log(f"exported step {self.step} of {cfg.out_dir} to {cfg.export}")
             return []
-        self.log(json.dumps(dataclasses.asdict(cfg), indent=2))
+        self.log(json.dumps(as_dict(cfg), indent=2))
         self.log(f"model {cfg.model}: {self.model.num_params() / 1e6:.2f}M parameters, world {self.world}, "
                  f"{'fsdp' if self.learner.fsdp else 'ddp'}, device {self.device}")
         tb = _tensorboard(cfg.out_dir) if self.rank == 0 else None
@@ -1102,10 +993,9 @@ def _tensorboard(out_dir):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = parse_config(argv)
-    except (ValueError, FileNotFoundError) as e:
+        Trainer(parse_config(argv)).train()
+    except SettingError as e:
         sys.exit(f"train.py: {e}")
-    Trainer(cfg).train()
     # Only after a clean run, and only once every rank is done communicating: a rank that tears its
     # process group down while a peer's is still busy can abort, and after a failure on one rank the
     # others may sit in a collective (torchrun ends them).

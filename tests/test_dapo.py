@@ -5,8 +5,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from dapo import (AGGS, Row, aggregate, check_dynamic_sampling, group_advantages, kl_penalty, overlong_penalty,
+from dapo import (Row, aggregate, group_advantages, kl_penalty, overlong_penalty,
                   pack, policy_loss, rows_from_trajectories, sample_groups)
+
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # settings.RLConfig.loss_agg
 
 LN2 = math.log(2.0)
 
@@ -174,13 +176,9 @@ def test_kl_estimators_and_kl_term():
     kl_penalty(lp, torch.tensor([[5.0, -5.0, 100.0, 0.5]]), "k3").sum().backward()
     assert lp.grad[0, 0] == 0 and lp.grad[0, 2] == 0
     assert lp.grad[0, 1].item() == pytest.approx(1 - math.exp(-5)) and lp.grad[0, 3] != 0
-    with pytest.raises(ValueError, match="kl_estimator must be one of"):
-        kl_penalty(lp, lp, "k9")
     # ratio 1, A = 1: surrogate -1 per token; plus 0.5 * (1 - ln 2)
     loss, m = policy_loss(logp, logp, torch.tensor([1.0]), torch.ones(1, 2), ref_logprobs=ref, kl_coef=0.5)
     assert loss.item() == pytest.approx(-1 + 0.5 * (1 - LN2)) and m["kl"] == pytest.approx(1 - LN2)
-    with pytest.raises(ValueError, match="ref_logprobs"):
-        policy_loss(logp, logp, torch.tensor([1.0]), torch.ones(1, 2), kl_coef=0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,10 +201,10 @@ def test_group_advantages_with_and_without_std_singleton_and_all_equal():
     rewards = [1.0, 5.0, 0.0, 2.0, 0.0, 2.0, 1.0]
     ids = ["a", "b", "a", "c", "a", "c", "a"]
     h = 0.5 * math.sqrt(3) / (1 + 1e-6 * math.sqrt(3))  # 0.5 / (std + eps)
-    assert group_advantages(rewards, ids).tolist() == pytest.approx([h, 5 / (1 + 1e-6), -h, 0, -h, 0, h])
+    assert group_advantages(rewards, ids, norm_by_std=True).tolist() == pytest.approx([h, 5 / (1 + 1e-6), -h, 0, -h, 0, h])
     assert group_advantages(rewards, ids, norm_by_std=False).tolist() == pytest.approx([0.5, 5, -0.5, 0, -0.5, 0, 0.5])
     # equal rewards whose float mean is not exactly the value still give exactly 0
-    assert group_advantages([0.1, 0.1, 0.1], [0, 0, 0]).tolist() == [0.0, 0.0, 0.0]
+    assert group_advantages([0.1, 0.1, 0.1], [0, 0, 0], norm_by_std=True).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_overlong_penalty_at_the_boundaries():
@@ -291,10 +289,8 @@ def test_dynamic_sampling_off_keeps_everything_in_one_round():
     generate, calls = rounds_of(ROUNDS)
     kept, seen, rounds = sample_groups(generate, want=100, max_rounds=5, enabled=False)
     assert len(calls) == 1 and rounds == 1 and kept == seen == ROUNDS[0]
-    # a group of one is fine without dynamic sampling, an error with it
+    # a group of one is kept without dynamic sampling (the settings refuse rl.n < 2 with it)
     assert sample_groups(lambda: [("q", [1.0])], 1, 3, enabled=False)[0] == [("q", [1.0])]
-    with pytest.raises(ValueError, match="group of one reward is never informative"):
-        sample_groups(lambda: [("q", [1.0])], 1, 3)
 
 
 def test_dynamic_sampling_decides_on_the_given_count():
@@ -314,45 +310,19 @@ def test_dynamic_sampling_decides_on_the_given_count():
     assert rounds == 2 and counted == [2, 4]  # called once per round, every round
 
 
-def test_dynamic_sampling_bad_input():
-    for rewards in ([0.0, float("nan")], [float("inf"), 1.0], [], ["a", "b"]):
-        with pytest.raises(ValueError, match=r"round 1, group 0: rewards must be a non-empty list of finite"):
-            sample_groups(lambda: [("q", rewards)], 1, 2)
-    with pytest.raises(ValueError, match="round 1, group 1: a group must be a .payload, rewards. pair"):
-        sample_groups(lambda: [("q", [0, 1]), [0, 1, 2]], 1, 2)
-    with pytest.raises(ValueError, match="want=0"):
-        sample_groups(lambda: [], 0, 2)
-    with pytest.raises(ValueError, match="max_rounds=0"):
-        sample_groups(lambda: [], 1, 0)
-    with pytest.raises(ValueError, match="n >= 2 rollouts per question, got n=1"):
-        check_dynamic_sampling(1, True)
-    check_dynamic_sampling(1, False)
-    check_dynamic_sampling(2, True)
-
-
 # ---------------------------------------------------------------------------------------------
-# bad input: a ValueError naming the argument, never a silent NaN
+# what reaches this file was checked at the settings boundary: the math states its shapes as asserts,
+# and a NaN flows through to the update step, which skips the step (train.Learner.update)
 
 
-def test_bad_input_raises_value_error_naming_the_argument():
+def test_shapes_are_asserted_and_non_finite_values_flow_through():
     z, one = torch.zeros(2, 3), torch.ones(2, 3)
-    nan = torch.tensor([[0.0, float("nan"), 0], [0, 0, 0]])
-    cases = [
-        ("old_logprobs", lambda: policy_loss(z, torch.zeros(2, 4), one, one)),
-        ("advantages", lambda: policy_loss(z, z, torch.ones(3), one)),
-        ("logprobs", lambda: policy_loss(nan, z, one, one)),
-        ("old_logprobs", lambda: policy_loss(z, z / 0, one, one)),
-        ("mask is empty", lambda: policy_loss(z, z, one, torch.zeros(2, 3))),
-        ("agg", lambda: policy_loss(z, z, one, one, agg="sum")),
-        ("num_tokens", lambda: policy_loss(z, z, one, one, dp_size=2)),
-        ("rewards", lambda: group_advantages([1.0, float("nan")], [0, 0])),
-        ("group_ids", lambda: group_advantages([1.0, 0.0], [0])),
-        ("advantages", lambda: rows_from_trajectories([Traj([])], [1.0, 2.0])),
-        ("old_logprobs", lambda: Row([1], [2, 3], 1.0, [-0.1])),
-        ("response_ids", lambda: Row([1], [])),
-        ("mix", lambda: pack([Row([1], [2]), Row([1], [2], 1.0, [-0.1])], 10)),
-        ("rewards", lambda: sample_groups(lambda: [("t", [float("nan"), 1.0])], 1, 1)),
-    ]
-    for name, call in cases:
-        with pytest.raises(ValueError, match=name):
+    for call in (lambda: policy_loss(z, torch.zeros(2, 4), one, one),
+                 lambda: policy_loss(z, z, torch.ones(3), one),
+                 lambda: group_advantages([1.0, 0.0], [0]),
+                 lambda: Row([1], [2, 3], 1.0, [-0.1])):
+        with pytest.raises(AssertionError):
             call()
+    nan = torch.tensor([[0.0, float("nan"), 0], [0, 0, 0]])
+    loss, _ = policy_loss(nan, z, one, one)
+    assert loss.isnan()

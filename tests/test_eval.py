@@ -16,6 +16,7 @@ import eval as ev
 from memory_agent import AgentConfig
 from model import TINY_CONFIGS, Transformer
 from rollout import Completion
+from run_outputs import Outputs
 from stub_engine import QueueEngine
 from tasks import document_text, make_samples
 from test_memory_agent import CharTokenizer
@@ -99,11 +100,12 @@ def test_wilson_interval_against_hand_computed_values():
 def test_accuracy_is_the_mean_over_questions_and_rollouts(tmp_path, mode):
     _, known = qa_file(tmp_path / "qa.jsonl", 5, known=("q0", "q2", "q3"))
     res = ev.evaluate(None, TOK, [f"jsonl:{tmp_path / 'qa.jsonl'}"], ["1"], 5, ORACLE_AGENT, mode=mode, n=2,
-                      engine=Oracle(known))
+                      temperature=0.7, engine=Oracle(known))
     (row,) = res["results"]
     assert (row["samples"], row["n"], row["errors"]) == (5, 2, 0)
     assert row["accuracy"] == 0.6  # 3 of 5 known, each rollout right
-    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.3127, 0.8318), abs=1e-4)  # Wilson, 6 of 10
+    # Wilson over the 5 questions, the independent draws: a question's 2 rollouts are not 2 more trials
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.2307, 0.8824), abs=1e-4)
     assert [(p["id"], p["rollout"], p["score"]) for p in res["predictions"]] == [
         (f"q{i}", k, float(f"q{i}" in ("q0", "q2", "q3"))) for i in range(5) for k in range(2)]
     assert row["tokens_read"] == 100 and row["doc_tokens"] == 100  # the whole context, read or fitted
@@ -131,7 +133,10 @@ def test_every_input_is_checked_before_the_first_cell(tmp_path):
     (tmp_path / "bad.json").write_text("[{}]")
     good = [f"jsonl:{tmp_path / 'qa.jsonl'}"]
     engine = Oracle({})
-    for kw, match in ((dict(samples=0), "samples must be an integer >= 1, got 0"), (dict(n=0), "n must be"),
+    for kw, match in ((dict(samples=0), "'eval.samples' must be >= 1, got 0"), (dict(n=0), "'eval.n' must be"),
+                      (dict(n=3), "eval.n=3 at eval.temperature=0 repeats one greedy rollout"),
+                      (dict(out=str(tmp_path / "qa.jsonl")), "would overwrite .*qa.jsonl.*which this run reads"),
+                      (dict(out=str(tmp_path / "r.json"), traces=str(tmp_path / "r.json")), "is also out"),
                       (dict(out=str(tmp_path / "no" / "r.json")), "out .*no such directory"),
                       (dict(traces=str(tmp_path)), "traces .*cannot write"),
                       (dict(tasks=good + [f"jsonl:{tmp_path / 'bad.jsonl'}"]), "bad.jsonl:1: missing field"),
@@ -144,10 +149,23 @@ def test_every_input_is_checked_before_the_first_cell(tmp_path):
         assert engine.ids == 0  # nothing ran
 
 
+def test_an_output_another_live_run_writes_is_refused(tmp_path):
+    qa_file(tmp_path / "qa.jsonl", 2)
+    other = Outputs()
+    other.claim(str(tmp_path / "r.json"), "--out")  # a run in progress holds it
+    with pytest.raises(ValueError, match="being written by another run"):
+        ev.evaluate(None, TOK, [f"jsonl:{tmp_path / 'qa.jsonl'}"], ["1"], 2, ORACLE_AGENT, engine=Oracle({}),
+                    out=str(tmp_path / "r.json"))
+    other.release()
+    ev.evaluate(None, TOK, [f"jsonl:{tmp_path / 'qa.jsonl'}"], ["1"], 2, ORACLE_AGENT, engine=Oracle({}),
+                out=str(tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text())["complete"]
+
+
 def test_traces_hold_each_rollouts_memories_and_answer(tmp_path):
     _, known = qa_file(tmp_path / "qa.jsonl", 2, known=("q1",))
-    ev.evaluate(None, TOK, [f"jsonl:{tmp_path / 'qa.jsonl'}"], ["1"], 2, ORACLE_AGENT, n=2, engine=Oracle(known),
-                traces=str(tmp_path / "t.jsonl"))
+    ev.evaluate(None, TOK, [f"jsonl:{tmp_path / 'qa.jsonl'}"], ["1"], 2, ORACLE_AGENT, n=2, temperature=1.0,
+                engine=Oracle(known), traces=str(tmp_path / "t.jsonl"))
     lines = [json.loads(l) for l in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert [(l["id"], l["rollout"], l["memories"], l["answer"], l["score"]) for l in lines] == [
         ("q0", 0, ["read"] * 3, "unknown", 0.0), ("q0", 1, ["read"] * 3, "unknown", 0.0),
@@ -191,7 +209,7 @@ def test_evaluate_in_process(checkpoint, mode):
         assert set(r) == ROW_KEYS and r["mode"] == mode and (r["samples"], r["n"], r["errors"]) == (2, 2, 0)
         preds = [p for p in res["predictions"] if (p["task"], p["length"]) == (r["task"], r["length"])]
         assert r["accuracy"] == sum(p["score"] for p in preds) / 4
-        assert (r["ci_low"], r["ci_high"]) == ev.wilson(r["accuracy"], 4)
+        assert (r["ci_low"], r["ci_high"]) == ev.wilson(r["accuracy"], 2)  # over the 2 questions
     for p in res["predictions"]:
         assert set(p) == PRED_KEYS and p["error"] is None
         doc = next(s for s in make_samples(p["task"], p["length"], tok, 2) if s.id == p["id"]).meta["doc_tokens"]
@@ -231,8 +249,8 @@ def test_bad_arguments(checkpoint, tmp_path, capsys):
             ev.main(["--model", str(path), "--tasks", ",".join(tasks), "--lengths", ",".join(lengths)])
         assert e.value.code == 2 and match in capsys.readouterr().err
     (tmp_path / "old.json").write_text('{"results": []}')
-    for argv, match in ((["--samples", "0"], "samples must be an integer >= 1, got 0"),
-                        (["--chunk-tokens", "0"], "agent.chunk_tokens must be"),
+    for argv, match in ((["--samples", "0"], "'eval.samples' must be >= 1, got 0"),
+                        (["--chunk-tokens", "0"], "'agent.chunk_tokens' must be"),
                         (["--protocol", "memagent", "--temperature", "1"], "--protocol memagent fixes --temperature"),
                         (["--protocol", "memagent"], "scores hotpotqa or jsonl questions"),
                         (["--closed-book", str(tmp_path / "cb.jsonl")], "--closed-book takes one hotpotqa"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from memory_agent import AgentConfig, ChunkStream, MemoryAgent, document_tokens, extract_boxed, main
 from rollout import Completion, Engine, SamplingParams
@@ -180,7 +181,7 @@ def test_final_turn_budget_is_checked_too():
 
 
 def test_agent_config_validates_saves_and_loads(tmp_path):
-    for bad, field in ((dict(chunk_tokens=0), "chunk_tokens"), (dict(memory_tokens="96"), "memory_tokens"),
+    for bad, field in ((dict(chunk_tokens=0), "chunk_tokens"), (dict(memory_tokens="many"), "memory_tokens"),
                        (dict(answer_tokens=True), "answer_tokens"), (dict(template="nope"), "template")):
         with pytest.raises(ValueError, match=f"agent.{field}"):
             AgentConfig(**bad)
@@ -197,19 +198,47 @@ def test_agent_config_validates_saves_and_loads(tmp_path):
     assert loaded.template == str(tmp_path / "ckpt" / "agent_template.json")
     assert MemoryAgent(None, TOK, loaded).final.render(problem=[5], memory=[6]) == [5, ord("|") + 2, 6]
     for text, match in (('{"chunk_tokens": 128, "chunks": 3}', "agent.json: unknown key 'chunks'"),
-                        ('{"chunk_tokens": "128"}', "agent.json: key 'chunk_tokens' should be int"),
-                        ('{"memory_tokens": 0}', "agent.json: agent.memory_tokens must be"),
-                        ('{"chunk_tokens": 128', "agent.json: cannot read"), ("[1]", "agent.json: expected")):
+                        ('{"chunk_tokens": "lots"}', "agent.json: 'agent.chunk_tokens' expects int"),
+                        ('{"memory_tokens": 0}', "agent.json: 'agent.memory_tokens' must be"),
+                        ('{"chunk_tokens": 128', "agent.json: not valid JSON"), ("[1]", "agent.json: expected")):
         (tmp_path / "agent.json").write_text(text)
         with pytest.raises(ValueError, match=match):
             AgentConfig.load(tmp_path)
 
 
-def test_run_refuses_fewer_than_one_rollout():
-    agent = MemoryAgent(ScriptedEngine(TOK), TOK, SMALL)
-    for n in (0, -1, 1.5):
-        with pytest.raises(ValueError, match="n must be an integer >= 1"):
-            agent.run(make_samples("niah_single", 2000, TOK, num=1), n=n)
+@pytest.mark.parametrize("template, match", [
+    ({"update": "{problem}{memory}{section}", "finall": "{problem}{memory}"}, "unknown key 'finall'; did you mean 'final'"),
+    ({"update": "{problem}{memory}", "final": "{problem}{memory}"}, r"'update' lacks the placeholders \['\{section\}'\]"),
+    ({"update": "{problem}{memory}{section}", "final": "{question}{memory}"}, "'final' has \\['\\{question\\}'\\]"),
+    ({"update": "{problem}{memory}{section}", "final": "\\boxed{} {problem}{memory}"}, "'final' has \\['\\{\\}'\\]"),
+    ({"update": "{problem}{memory}{section}"}, "no 'final' prompt"),
+    ({"update": 3, "final": "{problem}{memory}"}, "'update' must be a string")])
+def test_template_files_are_refused_by_key(tmp_path, template, match):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(template))
+    with pytest.raises(ValueError, match=match):
+        AgentConfig(template=str(path))
+
+
+PIECES = ["{problem}", "{memory}", "{section}", "{question}", "{", "}", "{{", "}}", "text ", "\\boxed{{}}"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(template=st.dictionaries(st.sampled_from(["update", "final", "direct", "empty_memory", "finall", "Update"]),
+                                st.lists(st.sampled_from(PIECES), max_size=6).map("".join), max_size=4))
+def test_any_template_renders_every_prompt_or_is_refused_by_key(template, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tmpl") / "t.json"
+    path.write_text(json.dumps(template))
+    try:
+        agent = MemoryAgent(None, TOK, AgentConfig(template=str(path)))
+    except ValueError as e:
+        assert str(path) in str(e) and any(f"'{k}'" in str(e) for k in [*template, "update", "final"]), e
+        return
+    problem, memory, chunk = [7, 7], [8], [9, 9, 9]
+    update, final = agent.prompt(problem, memory, chunk), agent.prompt(problem, memory)
+    for ids, parts in ((update, (problem, memory, chunk)), (final, (problem, memory))):
+        text = ",".join(map(str, ids))
+        assert all(",".join(map(str, p)) in text for p in parts)  # every placeholder was filled
 
 
 def _breaks_after(text, error):

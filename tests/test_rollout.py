@@ -1,9 +1,13 @@
 """rollout.py: the engine against a naive full-recompute loop, prefix caching, preemption, sampling."""
+import threading
+
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from model import ModelConfig, Transformer
 from rollout import BlockManager, Engine, SamplingParams, Sequence, sample
+from settings import SettingError
 
 CFG = ModelConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                   intermediate_size=96, max_position_embeddings=256)
@@ -114,14 +118,54 @@ def test_incremental_interface(model):
 def test_bad_requests_fail_alone(model):
     engine = Engine(model, num_blocks=8, block_size=16)
     good = prompts([4])[0]
-    bad = [[], [1] * 300, good, good, good, good, prompts([200])[0]]
-    params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=-1), SamplingParams(top_p=0),
-              SamplingParams(top_p=1.5), SamplingParams(temperature=0, max_new_tokens=3), SamplingParams()]
-    out = engine.generate(bad, params)
+    out = engine.generate([[], [1] * 300, good, prompts([200])[0]],
+                          [SamplingParams(), SamplingParams(), SamplingParams(temperature=0, max_new_tokens=3),
+                           SamplingParams()])
     errors = [c.error for c in out]
-    assert "empty prompt" in errors[0] and "256 positions" in errors[1] and "temperature" in errors[2]
-    assert "top_p" in errors[3] and "top_p" in errors[4] and "KV cache" in errors[6]
-    assert out[5].finish_reason == "length" and out[5].token_ids == naive_greedy(model, good, 3)
+    assert "empty prompt" in errors[0] and "256 positions" in errors[1] and "KV cache" in errors[3]
+    assert out[2].finish_reason == "length" and out[2].token_ids == naive_greedy(model, good, 3)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=2**63),
+                                 dict(max_new_tokens=0), dict(seed="x"), dict(temperature=float("nan"))])
+def test_sampling_values_are_checked_when_built(bad):
+    with pytest.raises(SettingError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(values=st.fixed_dictionaries({}, optional={
+    "temperature": st.one_of(st.floats(-1, 3), st.integers(-2, 2)), "top_p": st.floats(-0.5, 1.5),
+    "top_k": st.integers(-3, 2**64), "max_new_tokens": st.integers(-1, 5), "seed": st.integers(-2**70, 2**70),
+    "stop_token_ids": st.lists(st.integers(0, 200), max_size=3)}))
+def test_any_sampling_values_run_beside_a_good_request_or_are_refused_by_name(model, values):
+    try:
+        params = SamplingParams(**values)
+    except SettingError as e:
+        assert any(k in str(e) for k in values), e
+        return
+    engine = Engine(model, num_blocks=16)
+    good = prompts([5])[0]
+    out = engine.generate([good, good], [params, SamplingParams(temperature=0, max_new_tokens=2)])
+    assert out[0].error is None and 1 <= len(out[0].token_ids) <= params.max_new_tokens
+    assert out[1].token_ids == naive_greedy(model, good, 2)
+
+
+def test_one_engine_serves_one_thread_at_a_time(model):
+    engine = Engine(model, num_blocks=16)
+    engine.add_request(prompts([5])[0], SamplingParams(max_new_tokens=2))  # in flight, owned by this thread
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, engine.step)))
+    worker.start()
+    worker.join()
+    assert "another thread" in str(errors[0].value)
+    while engine.has_unfinished():  # the owner goes on undisturbed
+        engine.step()
+    done = []  # once idle, another thread may take the engine over
+    worker = threading.Thread(target=lambda: done.append(engine.generate(prompts([3]), SamplingParams(max_new_tokens=1))))
+    worker.start()
+    worker.join()
+    assert len(done[0][0].token_ids) == 1
 
 
 def test_block_manager_ref_counts():
@@ -171,9 +215,9 @@ def test_bad_token_ids_and_types_fail_alone_and_the_engine_goes_on(model):
     good = prompts([6, 9])
     greedy = SamplingParams(temperature=0, max_new_tokens=4)
     out = engine.generate([good[0], [1, CFG.vocab_size], [-1, 2], good[1], [1.5], torch.tensor([3, 4])],
-                          [greedy, greedy, greedy, greedy, greedy, SamplingParams(temperature="1.0")])
+                          [greedy, greedy, greedy, greedy, greedy, dict(temperature=1.0)])
     assert [c.finish_reason for c in out] == ["length", "error", "error", "length", "error", "error"]
-    assert "token id 101" in out[1].error and "token id -1" in out[2].error and "temperature" in out[5].error
+    assert "token id 101" in out[1].error and "token id -1" in out[2].error and "SamplingParams" in out[5].error
     assert [out[0].token_ids, out[3].token_ids] == [naive_greedy(model, p, 4) for p in good]
     again = engine.generate(good, greedy)  # still usable, and nothing was left behind
     assert [c.token_ids for c in again] == [out[0].token_ids, out[3].token_ids]

@@ -6,8 +6,10 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import train
+from settings import as_dict, flatten
 from train import Trainer, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,16 +28,16 @@ def test_config_file_overrides_and_errors(tmp_path):
     path.write_text(json.dumps({"steps": 7, "rl": {"n": 3}, "optim": {"lr": 2e-5}}))
     cfg = parse_config(["--config", str(path), "--rl.n=5", "--resume", "--optim.warmup_steps=1e1"])
     assert (cfg.steps, cfg.rl.n, cfg.optim.lr, cfg.resume, cfg.optim.warmup_steps) == (7, 5, 2e-5, True, 10)
-    with pytest.raises(ValueError, match="unknown config key 'rl.nn'"):
+    with pytest.raises(ValueError, match="unknown key 'rl.nn'; did you mean 'rl.n'"):
         parse_config(["--rl.nn=3"])
     with pytest.raises(ValueError, match="'steps' expects int"):
         parse_config(["--steps=many"])
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    with pytest.raises(ValueError, match="nope.json: no such file"):
         parse_config(["--config", "nope.json"])
-    with pytest.raises(FileNotFoundError, match="no/such/dir"):
+    with pytest.raises(ValueError, match="no/such/dir"):
         parse_config(["--model=no/such/dir"])
     (tmp_path / "bad.json").write_text(json.dumps({"agent": {"chunk": 1}}))
-    with pytest.raises(ValueError, match="bad.json: unknown config key 'agent.chunk'"):
+    with pytest.raises(ValueError, match="bad.json and the command line: unknown key 'agent.chunk'"):
         parse_config(["--config", str(tmp_path / "bad.json")])
 
 
@@ -216,7 +218,7 @@ def test_readme_recipe_table_matches_the_configs():
         cells = [c.strip() for c in line.strip("|").split("|")]
         key = cells[0].strip("`")
         for name, claimed in zip(names, cells[1:4]):
-            actual = train._get(cfgs[name], key)
+            actual = flatten(as_dict(cfgs[name]))[key]
             assert str(actual).lower() == claimed.lower(), (key, name, actual, claimed)
         rows += 1
     assert rows >= 15
@@ -245,7 +247,7 @@ def test_bad_config_values_are_named(args, message):
 def test_json_types_are_strict_and_space_separated_values_work(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"steps": 2.9}))
-    with pytest.raises(ValueError, match="c.json: 'steps' expects int, got 2.9"):
+    with pytest.raises(ValueError, match="c.json and the command line: 'steps' expects int, got 2.9"):
         parse_config(["--config", str(path)])
     path.write_text(json.dumps({"data": {"sft_direct": 1}}))
     with pytest.raises(ValueError, match="'data.sft_direct' expects bool"):
@@ -358,3 +360,75 @@ def test_validation_during_training_is_logged(tmp_path, tokenizer_path):
         assert m["val_accuracy"] == pytest.approx((m["val_accuracy/niah_single"] + m["val_accuracy/vt"]) / 2)
     for key in ("memory_capped_frac", "no_boxed_frac", "memory_len", "answer_len"):
         assert key in logged[-1]
+
+
+# ---- the settings boundary: every value accepted gives a valid Config, every other one is named ----------
+
+SETTING_KEYS = ["steps", "seed", "algo", "dtype", "rl.n", "rl.clip_low", "rl.clip_c", "rl.top_p", "rl.loss_agg",
+                "optim.lr", "optim.beta2", "engine.block_size", "eval.n", "eval.temperature", "agent.chunk_tokens",
+                "data.tasks", "rl.nn", "optim"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(SETTING_KEYS), st.one_of(
+    st.integers(-3, 2**64), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(),
+    st.sampled_from(["", "abc", "1e3", "k3", "sft", "token-mean", "bfloat16", "vt,nope", "16", "0.5"])), max_size=4))
+def test_any_settings_build_a_checked_config_or_are_refused_by_key(values):
+    argv = ["--model=micro"] + [f"--{k}={v}" for k, v in values.items()]
+    try:
+        cfg = parse_config(argv)
+    except ValueError as e:
+        assert any(k in str(e) or k.split(".")[-1] in str(e) for k in values), e
+        return
+    assert cfg.steps >= 1 and 0 <= cfg.rl.clip_low < 1 and cfg.rl.clip_c > 1 and cfg.optim.lr > 0
+    assert cfg.engine.block_size >= 16 and cfg.agent.chunk_tokens >= 1
+    assert not (cfg.eval.n > 1 and cfg.eval.temperature == 0)
+
+
+def test_settings_files_and_flags_in_every_form(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json: expected a JSON object of settings, got a JSON list"):
+        parse_config(["--config", str(tmp_path / "list.json")])
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 5}))
+    assert parse_config([f"--config={tmp_path / 'c.json'}", "--model=micro"]).steps == 5
+    with pytest.raises(ValueError, match="export: .* is the run's model"):
+        parse_config([f"--model={ROOT}/checkpoints/tiny-sft", f"--export={ROOT}/checkpoints/tiny-sft/"])
+
+
+def test_resume_refuses_settings_that_would_make_the_record_lie(tmp_path, tokenizer_path):
+    args = ["--algo=sft", "--checkpoint_every=1"]
+    Trainer(config(tmp_path, tokenizer_path, "--steps=1", *args)).train()
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    for change, named in (("--model=mini", "model='micro' there, 'mini' now"), ("--optim.lr=0.01", "optim.lr")):
+        with pytest.raises(ValueError, match=f"--resume: .* was made with other settings .*{named}"):
+            Trainer(config(tmp_path, tokenizer_path, "--steps=2", "--resume", *args, change))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # nothing renamed "damaged"
+    t = Trainer(config(tmp_path, tokenizer_path, "--steps=2", "--resume", *args, "--keep_checkpoints=5"))
+    assert [m["step"] for m in t.train()] == [2]  # how long a run goes and how it reports may change
+
+
+def test_a_full_disk_at_checkpoint_time_is_named_and_loses_nothing(tmp_path, tokenizer_path, monkeypatch):
+    import errno
+    import torch.distributed.checkpoint as dcp
+    t = Trainer(config(tmp_path, tokenizer_path, "--steps=2", "--algo=sft", "--checkpoint_every=1"))
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    t.checkpoints.claim_out_dir()
+    t.save_checkpoint()
+    monkeypatch.setattr(dcp, "save", full)
+    t.step = 2
+    with pytest.raises(OSError, match=r"step_000002: the disk is full .* intact \(step_000000\)"):
+        t.save_checkpoint()
+    t.checkpoints.release_out_dir()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000000"]
+
+
+def test_rl_step_with_non_finite_log_probs_is_skipped(tmp_path, tokenizer_path):
+    t = Trainer(config(tmp_path, tokenizer_path, "--steps=1", "--rl.dynamic_sampling=false", "--rl.n=2"))
+    with torch.no_grad():
+        t.model.norm.weight[0] = float("nan")  # every logit, so every log-prob, is NaN
+    before = [p.detach().clone() for p in t.model.parameters()]
+    m = t.rl_step()
+    assert m["skipped"] == 1
+    assert all(torch.equal(a, b.detach()) or torch.isnan(a).any() for a, b in zip(before, t.model.parameters()))
