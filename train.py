@@ -657,7 +657,7 @@ def copy_rows(num, length, vocab_size, seed, first_text_id=4):
     """`num` rows of next-token prediction on random token strings (6..20 ids of ordinary text,
     >= first_text_id) repeated end to end. Every turn of the memory agent copies (needle into
     memory, memory into memory, memory into answer), and a transformer learns to copy (induction
-    heads) fastest from text that repeats itself (README: why the copy warm-up)."""
+    heads) fastest from text that repeats itself (results/tiny.md: the copy warm-up)."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(num):
