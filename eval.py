@@ -27,6 +27,7 @@ from dataclasses import asdict, replace
 
 import torch
 
+import trace_page
 from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens, extract_boxed
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
@@ -197,7 +198,7 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
     """Run every task x length cell -> {"config", "complete", "results" (a row per cell), "predictions"
     (one per question and rollout)}. `engine` lets a caller (train.py) reuse its own; with `progress`,
     bars and a table row per cell. `out`: the JSON, rewritten after each cell; `traces`: JSONL of each
-    rollout's memories and answer."""
+    rollout's memories and answer, and beside it their page (trace_page.py), both after each cell."""
     if mode not in ("agent", "direct"):
         raise ValueError(f"mode must be 'agent' or 'direct', got {mode!r}")
     cells = check_sweep(tasks, lengths, samples, n, tokenizer, seed, out, traces)
@@ -231,10 +232,14 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
                 write_json(out, res)
             if trace_file:
                 trace_file.writelines(json.dumps(dict(task=name, length=length, id=p["id"], rollout=p["rollout"],
+                                                      question=s.question, answers=s.answers,
+                                                      doc_tokens=p["doc_tokens"], needles=s.meta.get("needles", []),
+                                                      supporting=s.meta.get("supporting", []),
                                                       memories=o["memories"], answer_text=o["answer_text"],
                                                       answer=o["answer"], score=p["score"], error=o["error"])) + "\n"
-                                      for p, o in zip(preds, outs))
+                                      for p, o, s in zip(preds, outs, (s for s in cell for _ in range(n))))
                 trace_file.flush()
+                trace_page.write_page(traces, res["results"], agent.chunk_tokens)
     finally:
         if trace_file:
             trace_file.close()
@@ -396,7 +401,8 @@ def parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--label", help="the run's name in plots and tables (default: the model's)")
     p.add_argument("--out", help="write results and predictions to this JSON file (after every cell)")
-    p.add_argument("--traces", help="write each rollout's memories and answer to this JSONL file")
+    p.add_argument("--traces", help="write each rollout's memories and answer to this JSONL file, and "
+                   "a page of them beside it (X.jsonl -> X.html)")
     p.add_argument("--closed-book", metavar="OUT_JSONL", help="write the records of the one hotpotqa or jsonl "
                    "task whose question the model cannot answer without the document")
     p.add_argument("--plot", help="write accuracy vs length to this PNG (needs matplotlib)")
