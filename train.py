@@ -1103,7 +1103,7 @@ def plot_curves(metrics_path):
         return None
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
     for ax, task in zip(axes[0], names):
-        for key, label, style in ((f"reward/{task}", "reward", "-"), (f"accuracy/{task}", "accuracy", "-"),
+        for key, label, style in ((f"reward/{task}", "reward", "-"), (f"accuracy/{task}", "accuracy", "--"),
                                   (f"val_accuracy/{task}", "held-out accuracy", "o-")):
             points = [(m["step"], m[key]) for m in rows if key in m]
             if points:
