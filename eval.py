@@ -28,6 +28,7 @@ from dataclasses import replace
 
 import torch
 
+import trace_page
 from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens, extract_boxed
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
@@ -184,7 +185,8 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
     """Run every task x length cell -> {"config", "complete", "results" (a row per cell), "predictions"
     (one per question and rollout)}. `engine` lets a caller (train.py) reuse its own; with `progress`,
     bars and a table row per cell. `out`: the JSON, rewritten after each cell; `traces`: JSONL of each
-    rollout's memories and answer; both claimed in `outputs` (a new Outputs if None)."""
+    rollout's memories and answer, and beside it their page (trace_page.py), both after each cell; all
+    claimed in `outputs` (a new Outputs if None)."""
     sweep = EvalConfig(samples=samples, n=n, temperature=temperature, top_p=top_p, seed=seed)
     if mode not in ("agent", "direct"):
         raise SettingError(f"mode must be 'agent' or 'direct', got {mode!r}")
@@ -192,7 +194,8 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
     own = outputs is None
     outputs = outputs or Outputs(reads=task_files(cells))
     try:
-        for path, what in ((out, "out"), (traces, "traces")) if own else ():
+        for path, what in ((out, "out"), (traces, "traces"), (traces and trace_page.page_path(traces), "traces page"))\
+                if own else ():
             outputs.claim(path, what)
         params = SamplingParams(temperature=sweep.temperature, top_p=sweep.top_p, seed=seed)
         if engine is None:
@@ -220,10 +223,15 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
             if out:
                 outputs.write_json(out, res)
             if traces:
-                trace_lines += [dict(task=name, length=length, id=p["id"], rollout=p["rollout"], memories=o["memories"],
+                trace_lines += [dict(task=name, length=length, id=p["id"], rollout=p["rollout"], question=s.question,
+                                     answers=s.answers, doc_tokens=p["doc_tokens"], needles=s.meta.get("needles", []),
+                                     supporting=s.meta.get("supporting", []), memories=o["memories"],
                                      answer_text=o["answer_text"], answer=o["answer"], score=p["score"],
-                                     error=o["error"]) for p, o in zip(preds, outs)]
+                                     error=o["error"])
+                                for p, o, s in zip(preds, outs, (s for s in cell for _ in range(n)))]
                 outputs.write_lines(traces, trace_lines)
+                write_file(trace_page.page_path(traces), trace_page.render(trace_lines, res["results"],
+                                                                           agent.chunk_tokens))
         res["complete"] = True
         if out:
             outputs.write_json(out, res)
@@ -387,7 +395,8 @@ def parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--label", help="the run's name in plots and tables (default: the model's)")
     p.add_argument("--out", help="write results and predictions to this JSON file (after every cell)")
-    p.add_argument("--traces", help="write each rollout's memories and answer to this JSONL file")
+    p.add_argument("--traces", help="write each rollout's memories and answer to this JSONL file, and "
+                   "a page of them beside it (X.jsonl -> X.html)")
     p.add_argument("--closed-book", metavar="OUT_JSONL", help="write the records of the one hotpotqa or jsonl "
                    "task whose question the model cannot answer without the document")
     p.add_argument("--plot", help="write accuracy vs length to this PNG (needs matplotlib)")
@@ -412,6 +421,7 @@ def check_inputs(args):
                          f"the synthetic tasks have their own scorers")
     outputs = Outputs(reads=task_files(cells) + [args.model, args.tokenizer])
     for path, what in ((args.out, "--out"), (args.traces, "--traces"), (args.closed_book, "--closed-book"),
+                       (args.traces and trace_page.page_path(args.traces), "--traces page"),
                        (args.plot, "--plot")):
         outputs.claim(path, what)
     questions = question_file(*tasks[0].split(":", 1)) if args.closed_book else None

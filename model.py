@@ -271,7 +271,7 @@ TINY_CONFIGS = {
     "nano": ModelConfig(vocab_size=2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=16, intermediate_size=128, max_position_embeddings=2048),
     # "mini": 4 layers of width 128 (1.05M parameters), tried for the multi-hop tasks; at the nano
-    # recipe's learning rates it had not formed induction heads after 1,500 copy warm-up steps (README)
+    # recipe's learning rates it had not formed induction heads after 1,500 copy warm-up steps (results/multihop.md)
     "mini": ModelConfig(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                         head_dim=32, intermediate_size=384, max_position_embeddings=2048),
     "tiny": ModelConfig(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,

@@ -45,6 +45,22 @@ class Sample:
             raise ValueError(f"sample {self.id}: answers must be a list of non-empty strings, got {self.answers!r}")
 
 
+@dataclass(frozen=True)
+class TaskSpec:
+    """A synthetic task: its generator, the shortest length each sample fits in, and what its samples
+    promise. tests/test_tasks.py checks every task in TASKS against its own spec, so a new task is its
+    generator plus one TASKS entry. Called like its generator."""
+    make: Callable[..., Sample]  # (length, tokenizer, seed=0, index=0) -> a Sample of at most `length` tokens
+    minimum: Callable[..., int]  # (tokenizer, seed, index) -> the shortest length that sample fits in
+    scorer: str  # the SCORERS name in every sample's meta
+    needles: int = 0  # needle sentences per document
+    relevant: int = 0  # of them, those an ideal memory keeps
+    answers_in_needles: bool = True  # each gold string is written in a relevant needle (False: computed)
+
+    def __call__(self, length, tokenizer, seed=0, index=0) -> Sample:
+        return self.make(length, tokenizer, seed, index)
+
+
 def document_pieces(sample: Sample) -> Iterator[str]:
     doc = sample.document
     return iter([doc]) if isinstance(doc, str) else doc()
@@ -161,7 +177,7 @@ def _needle_minimum(count, needles, haystack) -> int:
 
 
 def _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles, relevant,
-                   question, answers, ordered=False, scorer="string_match_all", until=None) -> Sample:
+                   question, answers, scorer, ordered=False, until=None) -> Sample:
     """Place `needles` at seeded uniform depths in `haystack`, fitted to `length` tokens. Needles sit
     after filler piece k, k in 1..n, so the document opens with filler and every piece's token count
     is known before placement: the fit is exact. `ordered` keeps them in list order (a chain)."""
@@ -263,21 +279,20 @@ def _two_hop(seed, index) -> dict:
     relevant = [True] + [False] * (len(_LINKS) - 1) + [True] * len(_WORKERS)
     until = [None] * (len(_LINKS) + 1) + [0] * (len(_WORKERS) - 1)  # dropped once link 0 is read
     return dict(rng=rng, haystack=_noise_haystack(rng), needles=needles, relevant=relevant,
-                question=f"Where does the {rels[0]} of {people[0]} work?", answers=places[:1],
-                scorer="exact_match", until=until)
+                question=f"Where does the {rels[0]} of {people[0]} work?", answers=places[:1], until=until)
 
 
-_DRAWS = dict(niah_single=partial(_niah, "niah_single"),
-              niah_single_words=partial(_niah, "niah_single_words", words=True),
-              niah_multikey=partial(_niah, "niah_multikey", keys=4),
-              niah_multivalue=partial(_niah, "niah_multivalue", values=4),
-              niah_multiquery=partial(_niah, "niah_multiquery", keys=4, asked=4),
-              vt=_vt, passkey=_passkey, two_hop=_two_hop)
+def needle_task(task, draw, scorer="string_match_all", **promises) -> TaskSpec:
+    """The TaskSpec of a needle task from its draw: (seed, index) -> dict(rng, haystack, needles,
+    relevant, question, answers[, ordered, until]), whose needles are placed at seeded depths of the
+    haystack and fitted to the length."""
+    def make(length, tokenizer, seed=0, index=0):
+        return _needle_sample(task, length, tokenizer, seed, index, scorer=scorer, **draw(seed, index))
 
-
-def needle_task(task, length, tokenizer, seed=0, index=0) -> Sample:
-    """Sample `index` of needle task `task` (any TASKS name but fwe), fitted to `length` tokens."""
-    return _needle_sample(task, length, tokenizer, seed, index, **_DRAWS[task](seed, index))
+    def minimum(tokenizer, seed, index):
+        d = draw(seed, index)
+        return _needle_minimum(_token_counter(tokenizer), d["needles"], d["haystack"])
+    return TaskSpec(make, minimum, scorer, **promises)
 
 
 # -----------------------------------------------------------------------------
@@ -309,6 +324,11 @@ def _fwe_minimum(sep_tokens, slack) -> int:
     while n > 1 and _zipf_counts(n - 1)[3] > _zipf_counts(n - 1)[4]:
         n -= 1
     return int(_zipf_counts(n) @ sep_tokens) + slack
+
+
+def fwe_minimum(tokenizer, seed, index) -> int:
+    _, _, sep_tokens, _, slack = _fwe_words(tokenizer, seed, index)
+    return _fwe_minimum(sep_tokens, slack)
 
 
 def fwe(length, tokenizer, seed=0, index=0) -> Sample:
@@ -345,7 +365,20 @@ def fwe(length, tokenizer, seed=0, index=0) -> Sample:
     return Sample(f"fwe-{target}-{seed}-{index}", question, pieces, words[1:4], meta)
 
 
-TASKS = {**{name: partial(needle_task, name) for name in _DRAWS}, "fwe": fwe}
+TASKS = dict(
+    niah_single=needle_task("niah_single", partial(_niah, "niah_single"), needles=1, relevant=1),
+    niah_single_words=needle_task("niah_single_words", partial(_niah, "niah_single_words", words=True),
+                                  needles=1, relevant=1),
+    niah_multikey=needle_task("niah_multikey", partial(_niah, "niah_multikey", keys=4), needles=4, relevant=1),
+    niah_multivalue=needle_task("niah_multivalue", partial(_niah, "niah_multivalue", values=4),
+                                needles=4, relevant=4),
+    niah_multiquery=needle_task("niah_multiquery", partial(_niah, "niah_multiquery", keys=4, asked=4),
+                                needles=4, relevant=4),
+    vt=needle_task("vt", _vt, needles=5, relevant=5),
+    passkey=needle_task("passkey", _passkey, needles=1, relevant=1),
+    two_hop=needle_task("two_hop", _two_hop, scorer="exact_match", needles=11, relevant=5),
+    fwe=TaskSpec(fwe, fwe_minimum, "string_match_all", answers_in_needles=False),  # the answers are counted
+)
 
 
 def _check_positive(name, n):
@@ -360,14 +393,7 @@ def check_length(task: str, length, tokenizer, num: int = 1, seed: int = 0) -> i
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     _check_positive("num", num)
     target = parse_length(length)
-    minimum, count = 0, _token_counter(tokenizer)
-    for i in range(num):
-        if task == "fwe":
-            _, _, sep_tokens, _, slack = _fwe_words(tokenizer, seed, i)
-            minimum = max(minimum, _fwe_minimum(sep_tokens, slack))
-        else:
-            draw = _DRAWS[task](seed, i)
-            minimum = max(minimum, _needle_minimum(count, draw["needles"], draw["haystack"]))
+    minimum = max(TASKS[task].minimum(tokenizer, seed, i) for i in range(num))
     if target < minimum:
         raise _too_short(task, target, minimum)
     return target

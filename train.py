@@ -543,7 +543,7 @@ def copy_rows(num, length, vocab_size, seed, first_text_id=4):
     """`num` rows of next-token prediction on random token strings (6..20 ids of ordinary text,
     >= first_text_id) repeated end to end. Every turn of the memory agent copies (needle into
     memory, memory into memory, memory into answer), and a transformer learns to copy (induction
-    heads) fastest from text that repeats itself (README: why the copy warm-up)."""
+    heads) fastest from text that repeats itself (results/tiny.md: the copy warm-up)."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(num):
@@ -704,13 +704,24 @@ def shaped_rewards(cfg, reward_fn, sample, group):
     return rewards
 
 
-def rollout_metrics(seen):
+def rollout_metrics(seen, kept=()):
     """Sums over every generated group [(sample, trajectories, rewards)], reduced across ranks by key:
-    what the policy really does, not only the kept groups."""
+    what the policy really does, not only the kept groups; by task too, with the groups `kept` for the
+    update (a task whose groups are all dropped by dynamic sampling is not trained)."""
     trajs = [t for _, g, _ in seen for t in g]
     memories = [c for t in trajs for c in t.conversations if not c.is_final]
     answers = [t for t in trajs if t.answer_text is not None]
-    return {
+    by_task = {}
+    for s, g, rs in seen:
+        task = s.meta.get("task", "data")
+        right = sum(tasks.score(s, t.answer) for t in g)
+        for key, value in ((f"reward/{task}", sum(rs)), (f"accuracy/{task}", right),
+                           (f"trajectories/{task}", len(g)), (f"groups/{task}", 1)):
+            by_task[key] = by_task.get(key, 0) + value
+    for s, _, _ in kept:
+        key = f"kept_groups/{s.meta.get('task', 'data')}"
+        by_task[key] = by_task.get(key, 0) + 1
+    return by_task | {
         "reward": sum(r for _, _, rs in seen for r in rs), "trajectories": len(trajs),
         "accuracy": sum(tasks.score(s, t.answer) for s, g, _ in seen for t in g),
         "memory_len": sum(len(c.response_ids) for c in memories), "memory_updates": len(memories),
@@ -723,9 +734,16 @@ def rollout_metrics(seen):
 
 
 def per_step(sums, rollout_s):
-    """Means and rates from the summed rollout metrics."""
+    """Means and rates from the summed rollout metrics; per task: reward, accuracy, groups generated and kept."""
     n = max(sums["trajectories"], 1)
-    return dict(reward=sums["reward"] / n, accuracy=sums["accuracy"] / n, turns=sums["turns"] / n,
+    by_task = {}
+    for task in (k.split("/", 1)[1] for k in sums if k.startswith("groups/")):
+        count = max(sums[f"trajectories/{task}"], 1)
+        by_task.update({f"reward/{task}": sums[f"reward/{task}"] / count,
+                        f"accuracy/{task}": sums[f"accuracy/{task}"] / count,
+                        f"groups/{task}": sums[f"groups/{task}"],
+                        f"kept_groups/{task}": sums.get(f"kept_groups/{task}", 0)})
+    return by_task | dict(reward=sums["reward"] / n, accuracy=sums["accuracy"] / n, turns=sums["turns"] / n,
                 errors=sums["errors"], memory_len=sums["memory_len"] / max(sums["memory_updates"], 1),
                 memory_capped_frac=sums["memory_capped"] / max(sums["memory_updates"], 1),
                 answer_len=sums["answer_len"] / max(sums["answers"], 1),
@@ -826,7 +844,7 @@ class Trainer:
         updates = [u for u in (self.learner.update(mbs) for mbs in mini) if u]
         update_s = time.perf_counter() - t0
         m.update({k: float(np.mean([u[k] for u in updates if k in u])) for u in updates for k in u})
-        sums = all_sum(dict(rollout_metrics(seen), prefill_tokens=st.pop("prefill_tokens"),
+        sums = all_sum(dict(rollout_metrics(seen, kept), prefill_tokens=st.pop("prefill_tokens"),
                             prefix_cache_tokens=st.pop("prefix_cache_tokens"), train_tokens=sum(map(len, rows)),
                             adv_sum=float(adv.sum()), adv_sq=float((adv ** 2).sum()), adv_n=len(adv)), self.device)
         adv_mean = sums["adv_sum"] / max(sums["adv_n"], 1)
@@ -940,7 +958,8 @@ class Trainer:
                 self.save_checkpoint()
         if bar:
             bar.close()
-        self.log(summary(cfg, history, self.checkpoints.newest()))
+        curves = plot_curves(self.checkpoints.metrics) if self.rank == 0 else None
+        self.log(summary(cfg, history, self.checkpoints.newest(), curves))
         return history
 
 
@@ -948,6 +967,8 @@ class Trainer:
 def log_step(path, m, tb, bar, step):
     with open(path, "a") as f:
         f.write(json.dumps(m) + "\n")
+    if "val_accuracy" in m:
+        plot_curves(path)
     if tb:
         for k, v in m.items():
             tb.add_scalar(k, v, step)
@@ -956,7 +977,44 @@ def log_step(path, m, tb, bar, step):
         bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "val_accuracy", "loss") if k in m})
 
 
-def summary(cfg, history, checkpoints):
+def plot_curves(metrics_path):
+    """Reward, accuracy, groups kept and held-out accuracy per task over the steps of metrics.jsonl,
+    a panel per task, to curves.png beside it -> its path (None without matplotlib or anything to plot)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("training curves: matplotlib is not installed, so no plot (pip install matplotlib)", flush=True)
+        return None
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    names = sorted({k.split("/", 1)[1] for m in rows for k in m if k.startswith(("reward/", "val_accuracy/"))})
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], names):
+        for key, label, style in ((f"reward/{task}", "reward", "-"), (f"accuracy/{task}", "accuracy", "--"),
+                                  (f"val_accuracy/{task}", "held-out accuracy", "o-")):
+            points = [(m["step"], m[key]) for m in rows if key in m]
+            if points:
+                ax.plot(*zip(*points), style, label=label, markersize=3)
+        kept = [(m["step"], m[f"kept_groups/{task}"] / max(m[f"groups/{task}"], 1))
+                for m in rows if f"groups/{task}" in m]
+        if kept:
+            ax.plot(*zip(*kept), ":", color="gray", label="groups kept / generated")
+        ax.set(title=task, xlabel="step", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(os.path.dirname(metrics_path), "curves.png")
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def summary(cfg, history, checkpoints, curves=None):
     """What the run did and what to do next: the last lines a run prints."""
     lines = [f"done: {len(history)} {cfg.algo} steps in this run, now at step {cfg.steps}"]
     for key in ("reward", "accuracy", "loss"):
@@ -968,6 +1026,8 @@ def summary(cfg, history, checkpoints):
     val = [(m["step"], m["val_accuracy"]) for m in history if "val_accuracy" in m]
     if val:
         lines.append("  held-out accuracy: " + ", ".join(f"{a:.3f} at step {s}" for s, a in val[-4:]))
+    if curves:
+        lines.append(f"training curves: {curves}")
     if checkpoints:
         args = " ".join(a for a in sys.argv[1:] if a != "--resume" and not a.startswith("--export"))
         lines += [f"newest checkpoint: {os.path.join(cfg.out_dir, 'checkpoints', checkpoints[-1])}",

@@ -3,7 +3,7 @@
     python bench/memory_plan.py --config configs/release-7b.json --world 32 --shape qwen2.5-7b
     python bench/memory_plan.py --config configs/release-7b.json --world 32 --model-config DIR/config.json
 
-Arithmetic, not a measurement: the README's memory table is this script's output. What it counts
+Arithmetic, not a measurement: the memory table of docs/reproducing.md is this script's output. What it counts
 (FSDP2 as train.py sets it up: fp32 master weights, gradients and AdamW moments sharded over the
 ranks, bf16 compute weights gathered per unit):
   rollout  every unit gathered in bf16 for the whole rollout (train.generation_mode), the frozen

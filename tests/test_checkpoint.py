@@ -2,7 +2,7 @@
 
 A broken checkpoint or tokenizer must never land; it would score 0 here. These are held-out needle
 documents at the training length (seed 1; training drew its questions with seed 0), read greedily,
-so the scores are deterministic: the eval in the README got all 12 right, for both checkpoints, on
+so the scores are deterministic: the eval in results/tiny.md got all 12 right, for both checkpoints, on
 exactly these samples. The bar of 10/12 leaves room for float differences between machines.
 """
 import os

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -202,8 +203,7 @@ def test_evaluate_in_process(checkpoint, mode):
     assert [(r["task"], r["length"]) for r in res["results"]] == [
         ("niah_single", 300), ("niah_single", 1200), ("vt", 300), ("vt", 1200)]
     assert len(res["predictions"]) == 16 and res["complete"]
-    assert res["config"]["agent"] == dict(chunk_tokens=256, memory_tokens=8, answer_tokens=4, question_tokens=64,
-                                          template="default")
+    assert AgentConfig(**res["config"]["agent"]) == AGENT
     json.loads(json.dumps(res))  # serialisable as is
     for r in res["results"]:
         assert set(r) == ROW_KEYS and r["mode"] == mode and (r["samples"], r["n"], r["errors"]) == (2, 2, 0)
@@ -289,8 +289,7 @@ def test_cli_reads_agent_json_then_reports_from_saved_results(checkpoint, tmp_pa
     assert "niah_single" in proc.stdout and "tok/s" in proc.stdout
     res = json.loads(out.read_text())
     assert res["config"]["label"] == "micro" and res["config"]["samples"] == 2 and res["complete"]
-    assert res["config"]["agent"] == dict(chunk_tokens=256, memory_tokens=8, answer_tokens=3, question_tokens=64,
-                                          template="default")  # agent.json, then the flag
+    assert AgentConfig(**res["config"]["agent"]) == replace(AGENT, answer_tokens=3)  # agent.json, then the flag
     assert len(res["results"]) == 1 and len(res["predictions"]) == 2
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed

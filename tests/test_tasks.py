@@ -8,6 +8,7 @@ import math
 import re
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -64,9 +65,16 @@ def test_parse_length():
             parse_length(bad)
 
 
+# Each task is checked against its own TaskSpec (tasks.TASKS): the checks below run for every
+# registered task, and for a task a test registers itself (the last test of this section).
+
 @pytest.mark.parametrize("task", list(tasks.TASKS))
 @pytest.mark.parametrize("tok", TOKENIZERS, ids=["words", "bytes"])
 def test_fit_is_exact_and_below_target(task, tok):
+    check_fit(task, tok)
+
+
+def check_fit(task, tok):
     for length in ["1k", "8k", 20000]:
         target = parse_length(length)
         sample = tasks.make_samples(task, length, tok, 2, seed=3)[1]
@@ -80,12 +88,16 @@ def test_fit_is_exact_and_below_target(task, tok):
             assert sum(counts) >= 0.98 * target
         assert not pieces[0][0].isspace() and all(p[0].isspace() for p in pieces[1:])
         assert sample.meta["task"] == task and sample.meta["length"] == target
-        assert sample.meta["scorer"] == ("exact_match" if task == "two_hop" else "string_match_all")
+        assert sample.meta["scorer"] == tasks.TASKS[task].scorer
 
 
-@pytest.mark.parametrize("task", [t for t in tasks.TASKS if t != "fwe"])
+@pytest.mark.parametrize("task", [name for name, spec in tasks.TASKS.items() if spec.needles])
 def test_needles_offsets_and_answers(task):
-    tok = ByteTokenizer()
+    check_needles(task)
+
+
+def check_needles(task):
+    spec, tok = tasks.TASKS[task], ByteTokenizer()
     sample = tasks.make_samples(task, "4k", tok, 1, seed=11)[0]
     ids = true_tokens(sample, tok)
     relevant = [r for r in sample.meta["needles"] if r["relevant"]]
@@ -93,14 +105,23 @@ def test_needles_offsets_and_answers(task):
         assert ids[r["offset"]:r["offset"] + r["tokens"]] == tok.encode(" " + r["text"])
         assert 0 < r["depth"] < 1
     assert sample.meta["depth"] == relevant[0]["depth"]
-    # every gold string is in a relevant needle and nowhere in an irrelevant one
-    for a in sample.answers:
-        assert any(a in r["text"] for r in relevant)
-        assert not any(a in r["text"] for r in sample.meta["needles"] if not r["relevant"])
-    n_needles, n_relevant = {"niah_multikey": (4, 1), "niah_multivalue": (4, 4),
-                             "niah_multiquery": (4, 4), "vt": (5, 5), "two_hop": (11, 5)}.get(task, (1, 1))
-    assert (len(sample.meta["needles"]), len(relevant)) == (n_needles, n_relevant)
+    if spec.answers_in_needles:  # every gold string is in a relevant needle and nowhere in an irrelevant one
+        for a in sample.answers:
+            assert any(a in r["text"] for r in relevant)
+            assert not any(a in r["text"] for r in sample.meta["needles"] if not r["relevant"])
+    assert (len(sample.meta["needles"]), len(relevant)) == (spec.needles, spec.relevant)
     assert "boxed" not in sample.question and sample.question.endswith("?")
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+def test_scorer_rewards_the_gold_answer_only(task):
+    check_scorer(task)
+
+
+def check_scorer(task):
+    a, b = tasks.make_samples(task, "2k", WordTokenizer(), 2, seed=13)
+    assert tasks.score(a, ", ".join(a.answers)) == 1.0
+    assert tasks.score(a, None) == 0.0 and tasks.score(a, ", ".join(b.answers)) < 1.0
 
 
 def test_task_details():
@@ -128,19 +149,49 @@ def test_task_details():
     assert all(len(a) == 7 for a in tasks.TASKS["niah_single"]("1k", tok).answers)
 
 
-def test_deterministic():
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+def test_deterministic(task):
+    check_deterministic(task)
+
+
+def check_deterministic(task):
     tok = WordTokenizer()
-    for task in tasks.TASKS:
-        a, b = tasks.make_samples(task, "4k", tok, 3, seed=9), tasks.make_samples(task, "4k", tok, 3, seed=9)
-        for x, y in zip(a, b):
-            assert (x.id, x.question, x.answers, x.meta) == (y.id, y.question, y.answers, y.meta)
-            assert list(x.document()) == list(y.document()) == list(x.document())  # re-iterable
-        assert len({x.question + str(x.answers) for x in a}) == 3
-        other = tasks.make_samples(task, "4k", tok, 1, seed=10)[0]
-        assert (other.question, other.answers) != (a[0].question, a[0].answers)
-        # the same index asks the same question at every length
-        longer = tasks.make_samples(task, "16k", tok, 1, seed=9)[0]
-        assert (longer.question, longer.answers) == (a[0].question, a[0].answers)
+    a, b = tasks.make_samples(task, "4k", tok, 3, seed=9), tasks.make_samples(task, "4k", tok, 3, seed=9)
+    for x, y in zip(a, b):
+        assert (x.id, x.question, x.answers, x.meta) == (y.id, y.question, y.answers, y.meta)
+        assert list(x.document()) == list(y.document()) == list(x.document())  # re-iterable
+    assert len({x.question + str(x.answers) for x in a}) == 3
+    other = tasks.make_samples(task, "4k", tok, 1, seed=10)[0]
+    assert (other.question, other.answers) != (a[0].question, a[0].answers)
+    # the same index asks the same question at every length
+    longer = tasks.make_samples(task, "16k", tok, 1, seed=9)[0]
+    assert (longer.question, longer.answers) == (a[0].question, a[0].answers)
+
+
+def _sum_draw(seed, index):
+    """A researcher's new task: two numbers in the haystack, the question asks their sum, an answer
+    written in no needle, scored by exact match (so "16" is not an answer to "6")."""
+    rng = tasks._rng("number_sum", seed, index)
+    x, y = (int(v) for v in rng.integers(10, 99, size=2))
+    return dict(rng=rng, haystack=tasks._noise_haystack(rng), needles=[f"The first number is {x}.",
+                f"The second number is {y}."], relevant=[True, True],
+                question="What is the sum of the first and the second number?", answers=[str(x + y)])
+
+
+def test_a_task_added_in_its_generator_and_registry_alone_passes_the_task_checks(monkeypatch):
+    spec = tasks.needle_task("number_sum", _sum_draw, scorer="exact_match", needles=2, relevant=2,
+                             answers_in_needles=False)
+    monkeypatch.setitem(tasks.TASKS, "number_sum", spec)
+    for tok in TOKENIZERS:
+        check_fit("number_sum", tok)
+        check_minimum("number_sum", tok)
+    check_needles("number_sum")
+    check_scorer("number_sum")
+    check_deterministic("number_sum")
+    # and a spec that breaks its promise is caught
+    monkeypatch.setitem(tasks.TASKS, "number_sum", replace(spec, needles=3))
+    with pytest.raises(AssertionError):
+        check_needles("number_sum")
 
 
 def test_noise_cycle_starts_at_a_seeded_sentence():
@@ -193,6 +244,10 @@ def test_too_short_and_unknown():
 @pytest.mark.parametrize("task", list(tasks.TASKS))
 @pytest.mark.parametrize("tok", TOKENIZERS, ids=["words", "bytes"])
 def test_check_length_minimum_is_exact(task, tok):
+    check_minimum(task, tok)
+
+
+def check_minimum(task, tok):
     # the minimum the error names is the smallest length at which the whole cell builds
     with pytest.raises(ValueError, match=f"{task}: length 10 is too short") as e:
         tasks.make_samples(task, 10, tok, 3, seed=2)
