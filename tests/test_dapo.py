@@ -246,7 +246,8 @@ def test_group_advantages_with_and_without_std_singleton_and_all_equal():
     rewards = [1.0, 5.0, 0.0, 2.0, 0.0, 2.0, 1.0]
     ids = ["a", "b", "a", "c", "a", "c", "a"]
     h = 0.5 * math.sqrt(3) / (1 + 1e-6 * math.sqrt(3))  # 0.5 / (std + eps)
-    assert group_advantages(rewards, ids, norm_by_std=True).tolist() == pytest.approx([h, 5 / (1 + 1e-6), -h, 0, -h, 0, h])
+    got = group_advantages(rewards, ids, norm_by_std=True)
+    assert got.tolist() == pytest.approx([h, 5 / (1 + 1e-6), -h, 0, -h, 0, h])
     assert group_advantages(rewards, ids, norm_by_std=False).tolist() == pytest.approx([0.5, 5, -0.5, 0, -0.5, 0, 0.5])
     # equal rewards whose float mean is not exactly the value still give exactly 0
     assert group_advantages([0.1, 0.1, 0.1], [0, 0, 0], norm_by_std=True).tolist() == [0.0, 0.0, 0.0]
