@@ -378,3 +378,14 @@ def test_kv_cache_size_from_memory_numbers(model):
     assert Engine(model, kv_cache_bytes=5 * 8192 + 8191).num_blocks == 5
     # the graph's block tables cover the longest sequence, max_position_embeddings (+ 1) tokens
     assert Engine(model, num_blocks=32).runner.max_table_width == -(-(256 + 1) // 16) == 17
+
+
+def test_no_step_computes_more_than_max_num_batched_tokens(model):
+    # three sequences decoding under a budget of 2 tokens a step: they take turns, and nothing changes
+    ps = prompts([1, 2, 2], seed=6)
+    engine = Engine(model, num_blocks=32, max_num_batched_tokens=2)
+    run, sizes = engine.runner.run, []
+    engine.runner.run = lambda batch: sizes.append(sum(batch.num_tokens)) or run(batch)
+    out = engine.generate(ps, SamplingParams(temperature=0, max_new_tokens=4))
+    assert max(sizes) == 2 and sum(sizes) == 5 + 3 * 3  # every prompt token once, then 3 decodes each
+    assert [c.token_ids for c in out] == [naive_greedy(model, p, 4) for p in ps]
