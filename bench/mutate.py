@@ -163,9 +163,10 @@ def main(argv=None):
         with ThreadPoolExecutor(args.jobs) as pool:
             for i, (m, result) in enumerate(zip(todo, pool.map(check, todo))):
                 counts[result] += 1
-                if result == "passed":
+                if result != "failed":
                     mutated = apply(source, m).splitlines()[m[0] - 1].strip()
-                    print(f"survived  {args.file}:{m[0]}: {mutated}    (was: {lines[m[0] - 1].strip()})", flush=True)
+                    label = "survived" if result == "passed" else "timeout "
+                    print(f"{label}  {args.file}:{m[0]}: {mutated}    (was: {lines[m[0] - 1].strip()})", flush=True)
                 elif i % 10 == 9:
                     print(f"... {i + 1}/{len(todo)}", flush=True)
 
