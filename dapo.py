@@ -244,7 +244,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
     # padding holds junk: zero the log-ratio there so the ratio is 1, never inf
     ratio = torch.where(mask, logprobs - old_logprobs, 0.0).clamp(-20.0, 20.0).exp()
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
-    loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)
+    loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)  # pragma: no mutate  tie at A=0
     if kl_coef:
         assert ref_logprobs is not None, "kl_coef != 0 needs ref_logprobs"
         kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)

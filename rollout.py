@@ -496,6 +496,13 @@ class ModelRunner:
         return g, io
 
 
+def gpu_kv_budget(free, total, reserved, allocated, gpu_memory_utilization):
+    """Bytes the KV cache may take on a GPU with `free` of `total` bytes free: all that is free, plus
+    what PyTorch's allocator holds (reserved) but no tensor uses (allocated), less the share of the
+    total that gpu_memory_utilization leaves to others."""
+    return free + (reserved - allocated) - (1 - gpu_memory_utilization) * total
+
+
 # --------------------------------------------------------------------------------------------
 # the engine
 
@@ -551,9 +558,8 @@ class Engine:
         bytes_per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * p.element_size()
         if p.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(p.device)
-            # memory PyTorch holds in its cache but no tensor uses is free for us too
-            free += torch.cuda.memory_reserved(p.device) - torch.cuda.memory_allocated(p.device)
-            budget = free - (1 - gpu_memory_utilization) * total
+            budget = gpu_kv_budget(free, total, torch.cuda.memory_reserved(p.device),
+                                   torch.cuda.memory_allocated(p.device), gpu_memory_utilization)
         else:
             budget = kv_cache_bytes
         return int(budget // bytes_per_block)

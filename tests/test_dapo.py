@@ -87,6 +87,19 @@ def test_padding_with_junk_contributes_nothing(agg):
     assert torch.equal(junk_grad, clean_grad) and torch.all(junk_grad[junk.bool()] == 0)
 
 
+def test_clip_fractions_count_active_clips_only():
+    # clip_low = clip_high = 0: the band is [1, 1]; dual clip c = the float32 ratio of the fifth token.
+    # A = 0 tokens are never clipped, and a token exactly on a boundary is not (its loss is the same).
+    rc = torch.tensor(math.log(3.0)).exp().item()  # ~3, exactly representable as the ratio
+    A = torch.tensor([[1.0, -1.0, 1.0, -1.0, -1.0, 0.0, 0.0, 0.0]])
+    r = torch.tensor([[1.0, 1.0, 2.0, 0.5, rc, 0.5, 2.0, 4.0]])
+    # A=1 r=1: -1 | A=-1 r=1: 1 | A=1 r=2: max(-2, -1) = -1 clipped | A=-1 r=.5: max(.5, 1) = 1 clipped
+    # A=-1 r=c: min(max(c, 1), c) = c, on the dual-clip boundary | A=0: 0, whatever r
+    loss, m = policy_loss(r.log(), torch.zeros_like(r), A, torch.ones_like(A), clip_low=0.0, clip_high=0.0, clip_c=rc)
+    assert loss.item() == pytest.approx((-1 + 1 - 1 + 1 + rc) / 8)
+    assert m["clipfrac"] == pytest.approx(2 / 8) and m["clipfrac_lower"] == 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # aggregation and the exact global mean
 
@@ -107,6 +120,36 @@ def test_aggregation_modes_on_ragged_rows_and_on_a_packed_row():
         loss, _ = policy_loss(torch.zeros(1, 4), torch.zeros(1, 4), packed_adv, packed_mask, agg=agg,
                               segment_ids=segments)
         assert loss.item() == pytest.approx(want)
+
+
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_global_counts_divide_the_local_sum(dp_size):
+    # ratio 1, so the per-token loss is -A. Row 0: tokens A = 1, 2 (a third is padding); row 1: A = 4.
+    # This call is one micro-batch of a step with N = 12 tokens in S = 5 sequences, on one of dp_size ranks:
+    # token-mean:           dp * -(1 + 2 + 4) / 12
+    # seq-mean-token-mean:  dp * -(1.5 + 4) / 5
+    # seq-mean-token-sum:   dp * -(3 + 4) / 5
+    expected = {"token-mean": -7 / 12, "seq-mean-token-mean": -5.5 / 5, "seq-mean-token-sum": -7 / 5}
+    A = torch.tensor([[1.0, 2.0, 9.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    for agg, want in expected.items():
+        loss, _ = policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), A, mask, agg=agg, num_tokens=12, num_seqs=5,
+                              dp_size=dp_size)
+        assert loss.item() == pytest.approx(dp_size * want)
+    # a step of a single token is its own mean
+    assert aggregate(torch.tensor([[2.5]]), torch.ones(1, 1), num_tokens=1).item() == 2.5
+
+
+def test_sequences_without_valid_tokens_are_not_counted():
+    # local counts: segment 1 is absent and row 1 is all padding, so each step has two sequences
+    x = torch.tensor([[1.0, 3.0, 5.0]])
+    segments = torch.tensor([[0, 0, 2]])
+    assert aggregate(x, torch.ones(1, 3), "seq-mean-token-mean", segment_ids=segments).item() == (2 + 5) / 2
+    assert aggregate(x, torch.ones(1, 3), "seq-mean-token-sum", segment_ids=segments).item() == (4 + 5) / 2
+    rows = torch.tensor([[1.0, 3.0], [7.0, 7.0], [6.0, 0.0]])
+    mask = torch.tensor([[1, 1], [0, 0], [1, 0]])
+    assert aggregate(rows, mask, "seq-mean-token-mean").item() == (2 + 6) / 2
+    assert aggregate(rows, mask, "seq-mean-token-sum").item() == (4 + 6) / 2
 
 
 def test_aggregate_as_the_sft_loss():
@@ -201,15 +244,26 @@ def test_group_advantages_with_and_without_std_singleton_and_all_equal():
     rewards = [1.0, 5.0, 0.0, 2.0, 0.0, 2.0, 1.0]
     ids = ["a", "b", "a", "c", "a", "c", "a"]
     h = 0.5 * math.sqrt(3) / (1 + 1e-6 * math.sqrt(3))  # 0.5 / (std + eps)
-    assert group_advantages(rewards, ids, norm_by_std=True).tolist() == pytest.approx([h, 5 / (1 + 1e-6), -h, 0, -h, 0, h])
+    got = group_advantages(rewards, ids, norm_by_std=True)
+    assert got.tolist() == pytest.approx([h, 5 / (1 + 1e-6), -h, 0, -h, 0, h])
     assert group_advantages(rewards, ids, norm_by_std=False).tolist() == pytest.approx([0.5, 5, -0.5, 0, -0.5, 0, 0.5])
     # equal rewards whose float mean is not exactly the value still give exactly 0
     assert group_advantages([0.1, 0.1, 0.1], [0, 0, 0], norm_by_std=True).tolist() == [0.0, 0.0, 0.0]
 
 
+def test_group_advantages_with_a_large_eps():
+    # rewards 1, 0: mean 0.5, Bessel std 1/sqrt(2); with eps 0.5, A = 0.5 / (1/sqrt(2) + 0.5) = sqrt(2) - 1.
+    # A lone reward 3: mean 0, std 1, A = 3 / 1.5 = 2.
+    got = group_advantages([1.0, 0.0, 3.0], [0, 0, 1], norm_by_std=True, eps=0.5)
+    assert got.tolist() == pytest.approx([math.sqrt(2) - 1, 1 - math.sqrt(2), 2.0])
+
+
 def test_overlong_penalty_at_the_boundaries():
     # max_len 10, buffer 4: free up to 6, then (6 - L) / 4 down to -1 at 10, and -1 beyond
     assert overlong_penalty([0, 6, 7, 9, 10, 11], max_len=10, buffer=4).tolist() == [0, 0, -0.25, -0.75, -1, -1]
+    # the widest buffer penalises from length 0; the narrowest is a step from 0 to -1 at max_len
+    assert overlong_penalty([0, 5, 10], max_len=10, buffer=10).tolist() == [0, -0.5, -1]
+    assert overlong_penalty([8, 9, 10], max_len=10, buffer=1).tolist() == [0, 0, -1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +300,7 @@ def test_first_fit_decreasing_packing_and_oversized_rows():
     assert sum(mb.num_tokens for mb in mbs) == 5
     # SFT rows: advantage 1 on response tokens, no old log-probs
     assert mbs[0].old_logprobs is None and mbs[0].advantages.tolist() == [[0] * 7 + [1, 0]]
+    assert [mb.input_ids.shape[1] for mb in pack(rows, token_budget=1)] == [9, 5, 4, 3, 2]  # each alone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +338,9 @@ def test_dynamic_sampling_out_of_rounds_returns_the_shortfall():
     assert [p for p, _ in kept] == ["q1", "q3", "q5", "q6", "q7"]
     kept, seen, rounds = sample_groups(lambda: [("q", [1, 1])], want=1, max_rounds=2)
     assert (kept, len(seen), rounds) == ([], 2, 2)
+    generate, calls = rounds_of(ROUNDS)
+    kept, seen, rounds = sample_groups(generate, want=10, max_rounds=1)
+    assert (len(calls), rounds, [p for p, _ in kept]) == (1, 1, ["q1", "q3"])
 
 
 def test_dynamic_sampling_off_keeps_everything_in_one_round():

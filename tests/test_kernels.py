@@ -57,14 +57,15 @@ SEQS = [(1, 1), (1, 37), (20, 20), (17, 50), (33, 40)]  # qlen 1, prefix hits, r
 
 def test_reference_matches_dense():
     D, scale = 16, 0.3
-    q, k_cache, v_cache, cu, ctx, bt, max_q, ks, vs = prefill_case(SEQS, 2, 3, D, 16, torch.float32, fill=0.0)
+    seqs = SEQS + [(16, 32), (5, 47)]  # contexts that end on a page boundary and one short of it
+    q, k_cache, v_cache, cu, ctx, bt, max_q, ks, vs = prefill_case(seqs, 2, 3, D, 16, torch.float32, fill=0.0)
     out = reference.prefill_attention(q, k_cache, v_cache, cu, ctx, bt, max_q, scale)
-    for b in range(len(SEQS)):
+    for b in range(len(seqs)):
         want = dense_attention(q[cu[b]:cu[b + 1]], ks[b], vs[b], scale)
         torch.testing.assert_close(out[cu[b]:cu[b + 1]].double(), want, atol=1e-5, rtol=1e-5)
-    qd = torch.randn(len(SEQS), 6, D)
+    qd = torch.randn(len(seqs), 6, D)
     out = reference.decode_attention(qd, k_cache, v_cache, ctx, bt, scale)
-    for b in range(len(SEQS)):
+    for b in range(len(seqs)):
         torch.testing.assert_close(out[b:b + 1].double(), dense_attention(qd[b:b + 1], ks[b], vs[b], scale),
                                    atol=1e-5, rtol=1e-5)
 
@@ -81,6 +82,23 @@ def test_reference_decode_buckets(monkeypatch, bucket_tokens):
     for b, n in enumerate(lens):
         want = dense_attention(q[b:b + 1], ks[b], vs[b], 0.3) if n else torch.zeros(1, 4, 16, dtype=torch.float64)
         torch.testing.assert_close(out[b:b + 1].double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bucket_tokens, cuts", [(100, [(0, 4), (4, 6), (6, 7)]),
+                                                  (68, [(0, 4), (4, 5), (5, 6), (6, 7)]),
+                                                  (67, [(0, 3), (3, 5), (5, 6), (6, 7)])])
+def test_reference_decode_bucket_plan(monkeypatch, bucket_tokens, cuts):
+    # sorted lengths 1 5 16 17 33 37 70; a bucket takes rows while rows x its longest <= bucket_tokens.
+    # 100: 4 x 17 = 68 (a fifth row: 5 x 33 = 165), 2 x 37 = 74 (a third: 3 x 70 = 210), then 70 alone.
+    # 68: 4 x 17 = 68 still fits; 67: it does not, and 2 x 33 = 66 then does.
+    monkeypatch.setattr(reference, "DECODE_BUCKET_TOKENS", bucket_tokens)
+    lens = torch.tensor([37, 0, 1, 70, 16, 5, 0, 33, 17], dtype=torch.int32)
+    order, buckets = reference._decode_plan(lens, torch.arange(9 * 5, dtype=torch.int32).view(9, 5), 16, "cpu")
+    assert lens[order].tolist() == [1, 5, 16, 17, 33, 37, 70]  # the two empty rows are left out
+    assert [(a, z) for a, z, *_ in buckets] == cuts
+    for a, z, pages, keys, longest, mask in buckets:
+        assert longest == lens[order][z - 1] and keys == 16 * -(-longest // 16) == 16 * len(pages) / (z - a)
+        assert (mask is None) == (z - a == 1)  # one sequence reads exactly its keys, unmasked
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -314,7 +314,7 @@ def test_quickstart_reads_one_document_with_the_checkpoints_settings(tmp_path, c
     main(argv)  # chunk 128 from agent.json: the default 5000 would not fit the model's 2048 positions
     out = capsys.readouterr().out
     chunks = -(-sum(map(len, document_tokens(tmp_path / "doc.txt", tok))) // 128)
-    assert f"memory after chunk {chunks} " in out and f"memory after chunk {chunks + 1} " not in out
+    assert out.count(f"memory after chunk {chunks} ") == 1 and f"memory after chunk {chunks + 1} " not in out
     assert f"boxed: {sample.answers[0]}" in out  # the shipped agent reads this needle right
     main(argv + ["--chunk-tokens", "64", "--quiet"])
     out = capsys.readouterr().out
@@ -333,3 +333,85 @@ def test_a_failed_rollout_does_not_hold_its_siblings_chunks():
     for k in range(1, 4):
         assert stream.next(0) == list(range(10 * k, 10 * k + 10))
         assert len(stream.chunks) <= 1
+
+
+class RecordingEngine(QueueEngine):
+    """Answers every request with reply(prompt, params) -> ids, and records the requests."""
+
+    def __init__(self, reply, max_len=100_000):
+        super().__init__(max_len)
+        self.replies, self.requests = reply, []
+
+    def reply(self, rid, prompt, params):
+        self.requests.append((prompt, params))
+        ids = self.replies(prompt, params)
+        return Completion(ids, [-1.0] * len(ids), "stop", None, rid)
+
+
+def test_the_memory_is_the_reply_without_stop_and_pad_ids():
+    reply = [TOK.pad_id] + TOK.encode("ab") + [TOK.eos_id]  # every turn answers: pad, "ab", stop
+    engine = RecordingEngine(lambda prompt, params: reply)
+    agent = MemoryAgent(engine, TOK, AgentConfig(chunk_tokens=4, memory_tokens=8, answer_tokens=5))
+    t = agent.run([Sample("s", "q?", "abcdefgh", [])])[0]
+    q, ab = TOK.encode("q?"), TOK.encode("ab")
+    # two chunks of exactly 4 tokens, then the final turn; the memory spliced in is "ab" alone
+    assert [c.prompt_ids for c in t.conversations] == [
+        agent.prompt(q, [], TOK.encode("abcd")), agent.prompt(q, ab, TOK.encode("efgh")), agent.prompt(q, ab)]
+    assert all(c.response_ids == reply for c in t.conversations)
+    assert (t.turns, t.tokens_generated, t.tokens_read, t.memories, t.answer_text) == (3, 12, 8, ["ab", "ab"], "ab")
+    # each turn's cap, and the tokenizer's stop ids unless the params name their own
+    assert [(p.max_new_tokens, p.stop_token_ids) for _, p in engine.requests] == [(8, (1,)), (8, (1,)), (5, (1,))]
+    engine.requests.clear()
+    agent.run([Sample("s", "q?", "abcd", [])], params=SamplingParams(stop_token_ids=(7,)))
+    assert [p.stop_token_ids for _, p in engine.requests] == [(7,), (7,)]
+
+
+def test_the_stream_reads_only_the_pieces_a_chunk_needs():
+    pulled = []
+
+    def pieces():
+        for p in ([1, 2], [3, 4], [5, 6], [7]):
+            pulled.append(p)
+            yield p
+    stream = ChunkStream(pieces(), chunk_tokens=4, readers=1)
+    assert stream.next(0) == [1, 2, 3, 4] and len(pulled) == 2
+    assert stream.next(0) == [5, 6, 7] and stream.next(0) is None and len(pulled) == 4
+
+
+def test_a_question_of_exactly_question_tokens_is_accepted():
+    agent = MemoryAgent(RecordingEngine(lambda prompt, params: [TOK.eos_id]), TOK,
+                        AgentConfig(chunk_tokens=4, memory_tokens=8, answer_tokens=8, question_tokens=5))
+    fits, over = agent.run([Sample("fits", "12345", "doc", []), Sample("over", "123456", "doc", [])])
+    assert fits.error is None and len(fits.conversations) == 2
+    assert "question of 6 tokens exceeds agent.question_tokens=5" in over.error
+
+
+def test_the_budget_check_sums_every_part_of_a_prompt():
+    # one token per character. Chat frame "<user>\n" "\n" "<assistant>\n": 20 tokens. Compact template text:
+    # update "Problem: " "\nMemory: " "\nSection: " "\nNew memory:" = 40, final "Problem: " "\nMemory: "
+    # "\nAnswer:" = 26. The old memory in a prompt is at most max(memory_tokens 3, len("none") 4) = 4.
+    #   update: 20 + question 10 + old memory 4 + 40 + chunk 100 + new memory 3 = 177
+    #   final:  20 + question 10 + old memory 4 + 26 + answer 200             = 260
+    cfg = AgentConfig(chunk_tokens=100, memory_tokens=3, answer_tokens=5, question_tokens=10, template="compact")
+    MemoryAgent(ScriptedEngine(TOK, max_len=177), TOK, cfg)
+    with pytest.raises(ValueError, match=r"chunk_tokens=100 .* \(177 in all\) exceed the model's 176 positions"):
+        MemoryAgent(ScriptedEngine(TOK, max_len=176), TOK, cfg)
+    cfg = replace(cfg, answer_tokens=200)
+    MemoryAgent(ScriptedEngine(TOK, max_len=260), TOK, cfg)
+    with pytest.raises(ValueError, match=r"answer_tokens=200 .* \(260 in all\) exceed the model's 259 positions"):
+        MemoryAgent(ScriptedEngine(TOK, max_len=259), TOK, cfg)
+    # the longest update prompt (empty memory, full question and chunk) plus its output is the 177
+    agent = MemoryAgent(None, TOK, cfg)
+    assert len(agent.prompt(TOK.encode("q" * 10), [], [5] * 100)) + 3 == 177
+
+
+def test_direct_prompt_cuts_the_middle_of_the_document_to_fit():
+    # compact direct text "Text: " "\nProblem: " "\nAnswer:" = 24 tokens, chat frame 20, question 2:
+    # the document gets max_prompt_tokens - 46 tokens, its head and its tail (the tail the odd one)
+    agent = MemoryAgent(None, TOK, AgentConfig(template="compact"))
+    sample = Sample("s", "q?", "0123456789", [])
+    for max_prompt, text in ((60, "0123456789"), (56, "0123456789"), (55, "012356789"), (52, "012789"), (46, "")):
+        prompt = agent.direct_prompt(sample, max_prompt)
+        assert TOK.decode(prompt) == f"<user>\nText: {text}\nProblem: q?\nAnswer:\n<assistant>\n"
+    with pytest.raises(ValueError, match="question alone exceeds 45 tokens"):
+        agent.direct_prompt(sample, 45)

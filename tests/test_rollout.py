@@ -1,12 +1,14 @@
 """rollout.py: the engine against a naive full-recompute loop, prefix caching, preemption, sampling."""
+import math
 import threading
+import time
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from model import ModelConfig, Transformer
-from rollout import BlockManager, Engine, SamplingParams, Sequence, sample
+from rollout import BlockManager, Engine, SamplingParams, Sequence, gpu_kv_budget, sample
 from settings import SettingError
 
 CFG = ModelConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -292,3 +294,141 @@ def test_a_step_that_fails_mid_forward_leaves_no_false_prefix_hit(model):
     engine.runner.run = run  # the blocks scheduled in that step were registered but never written
     c = engine.generate([shared + [1]], SamplingParams(temperature=0, max_new_tokens=4))[0]
     assert c.num_prefix_hits == 0 and c.token_ids == naive_greedy(model, shared + [1], 4)
+
+
+def test_top_p_keeps_the_smallest_prefix_that_reaches_p_and_top_k_works_alone():
+    # probabilities exactly 1/2, 1/4, 1/8, 1/8: the first two reach top_p = 0.75, so the rest are dropped;
+    # top_k = 2 keeps the same two. The greedy token 0 then has probability 0.5 / 0.75 = 2/3.
+    logits = torch.log(torch.tensor([[4.0, 2.0, 1.0, 1.0]]))
+    for top_p, top_k in ((0.75, 0), (1.0, 2)):
+        tok, lp = sample(logits, torch.zeros(1), torch.tensor([top_p]), torch.tensor([top_k]), torch.tensor([1]),
+                         torch.zeros(1, dtype=torch.long))
+        assert tok.item() == 0 and lp.item() == pytest.approx(math.log(2 / 3))
+
+
+def test_full_blocks_are_hashed_once_full_and_only_then():
+    bm = BlockManager(num_blocks=4, block_size=16)
+    a = Sequence(0, list(range(33)), SamplingParams(), 0)
+    assert bm.allocate(a)
+    for scheduled, hashed in ((15, 0), (16, 1), (31, 1), (32, 2), (33, 2)):
+        bm.register_full_blocks(a, scheduled)
+        assert a.num_hashed == hashed
+    # a 32-token prompt hits only its first block: its last token must be computed to get logits
+    b = Sequence(1, list(range(32)), SamplingParams(), 0)
+    assert bm.allocate(b) and b.num_computed == 16 and b.block_table[0] == a.block_table[0]
+
+
+def test_a_block_exactly_full_needs_no_new_block_for_its_last_token():
+    bm = BlockManager(num_blocks=4, block_size=16)
+    a = Sequence(0, list(range(32)), SamplingParams(), 0)
+    assert bm.allocate(a) and bm.append_slot(a) and len(a.block_table) == 2
+    a.output.append(7)  # the 33rd token opens a third block
+    assert bm.append_slot(a) and len(a.block_table) == 3
+
+
+def test_reviving_cached_free_blocks_counts_against_the_free_pool():
+    bm = BlockManager(num_blocks=4, block_size=16)
+    a = Sequence(0, list(range(40)), SamplingParams(), 0)
+    assert bm.allocate(a)
+    bm.register_full_blocks(a, 40)
+    bm.release(a)  # 4 free, two of them hold a's cached prefix
+    assert bm.allocate(Sequence(1, [99] * 5, SamplingParams(), 0)) and bm.num_free == 3
+    # 49 tokens: 2 cached blocks + 2 new ones = all of the 3 free and one more
+    assert not bm.allocate(Sequence(2, list(range(32)) + [5] * 17, SamplingParams(), 0)) and bm.num_free == 3
+    b = Sequence(3, list(range(32)) + [5], SamplingParams(), 0)  # 2 cached + 1 new = 3
+    assert bm.allocate(b) and b.num_computed == 32 and bm.num_free == 0
+
+
+def test_an_evicted_prefix_is_cached_again_when_recomputed():
+    bm = BlockManager(num_blocks=2, block_size=16)
+    prefix = list(range(16))
+
+    def run(seq):
+        assert bm.allocate(seq)
+        bm.register_full_blocks(seq, len(seq))
+        bm.release(seq)
+        return seq.num_prefix_hits
+
+    assert run(Sequence(0, prefix + [1], SamplingParams(), 0)) == 0
+    assert run(Sequence(1, [50] * 17, SamplingParams(), 0)) == 0  # takes both blocks: the prefix is gone
+    assert run(Sequence(2, prefix + [2], SamplingParams(), 0)) == 0  # recomputed, and registered again
+    assert run(Sequence(3, prefix + [3], SamplingParams(), 0)) == 16
+
+
+def test_the_first_of_two_identical_blocks_stays_the_cached_one():
+    # two sequences compute the same prefix in one step (neither was registered when both were admitted)
+    bm = BlockManager(num_blocks=4, block_size=16)
+    a, b = (Sequence(i, list(range(17)), SamplingParams(), 0) for i in range(2))
+    assert bm.allocate(a) and bm.allocate(b) and b.num_computed == 0
+    bm.register_full_blocks(a, 17)
+    bm.register_full_blocks(b, 17)
+    first = a.block_table[0]
+    assert list(bm.by_hash.values()) == [first] and bm.hash[b.block_table[0]] is None
+    bm.release(a)
+    bm.release(b)
+    c = Sequence(2, list(range(17)), SamplingParams(), 0)
+    assert bm.allocate(c) and c.block_table[0] == first and c.num_computed == 16
+
+
+def test_at_most_max_num_seqs_run_at_once(model):
+    ps = prompts([3, 4, 5])
+    engine = Engine(model, num_blocks=32, max_num_seqs=2)
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_new_tokens=4)) for p in ps]
+    done = engine.step()
+    assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 1
+    while engine.has_unfinished():
+        done += engine.step()
+    by_id = {c.request_id: c for c in done}
+    assert [by_id[i].token_ids for i in ids] == [naive_greedy(model, p, 4) for p in ps]
+
+
+def test_generation_stops_at_the_models_last_position(model):
+    engine = Engine(model, num_blocks=32)
+    p = prompts([250], seed=3)[0]
+    c = engine.generate([p], SamplingParams(temperature=0, max_new_tokens=100))[0]
+    assert c.finish_reason == "length" and len(p) + len(c.token_ids) == CFG.max_position_embeddings
+    assert c.token_ids == naive_greedy(model, p, len(c.token_ids))
+    # a prompt of 255 tokens still gets one token; 256 leave no position for it
+    full, over = engine.generate([[1] * 255, [1] * 256], SamplingParams(temperature=0))
+    assert len(full.token_ids) == 1 and over.finish_reason == "error" and "256 positions" in over.error
+
+
+def test_a_prompt_fits_the_kv_cache_with_its_first_token(model):
+    engine = Engine(model, num_blocks=3, block_size=16)  # 48 slots
+    fits, over = engine.generate([[1] * 47, [1] * 48], SamplingParams(temperature=0))
+    assert fits.finish_reason == "length" and len(fits.token_ids) == 2  # 47 + 1 fill the cache, and 1 more
+    assert over.finish_reason == "error" and "KV cache" in over.error
+
+
+def test_stats_count_every_token_once(model):
+    engine = Engine(model, num_blocks=32)
+    t0 = time.perf_counter()
+    engine.generate(prompts([5, 7]), SamplingParams(temperature=0, max_new_tokens=3))
+    elapsed = time.perf_counter() - t0
+    s = engine.stats
+    # step 1 prefills both prompts (12 tokens) and samples their first tokens; steps 2 and 3 decode two each
+    assert (s["prefill_tokens"], s["decode_tokens"], s["steps"]) == (12, 4, 3)
+    assert 0 < s["forward_s"] <= elapsed
+    assert engine.tokens_per_s() == pytest.approx(16 / s["forward_s"])
+
+
+def test_kv_cache_size_from_memory_numbers(model):
+    # on a GPU with 30 of 100 bytes free, whose allocator holds 12 of which tensors use 2, at utilization
+    # 0.9: 30 + (12 - 2) - (1 - 0.9) * 100 = 30 bytes for the cache
+    assert gpu_kv_budget(free=30, total=100, reserved=12, allocated=2, gpu_memory_utilization=0.9) == \
+        pytest.approx(30)
+    # a block holds K and V x 2 layers x 16 tokens x 2 KV heads x 16 dims x 4 bytes (fp32) = 8192 bytes
+    assert Engine(model, kv_cache_bytes=5 * 8192 + 8191).num_blocks == 5
+    # the graph's block tables cover the longest sequence, max_position_embeddings (+ 1) tokens
+    assert Engine(model, num_blocks=32).runner.max_table_width == -(-(256 + 1) // 16) == 17
+
+
+def test_no_step_computes_more_than_max_num_batched_tokens(model):
+    # three sequences decoding under a budget of 2 tokens a step: they take turns, and nothing changes
+    ps = prompts([1, 2, 2], seed=6)
+    engine = Engine(model, num_blocks=32, max_num_batched_tokens=2)
+    run, sizes = engine.runner.run, []
+    engine.runner.run = lambda batch: sizes.append(sum(batch.num_tokens)) or run(batch)
+    out = engine.generate(ps, SamplingParams(temperature=0, max_new_tokens=4))
+    assert max(sizes) == 2 and sum(sizes) == 5 + 3 * 3  # every prompt token once, then 3 decodes each
+    assert [c.token_ids for c in out] == [naive_greedy(model, p, 4) for p in ps]
