@@ -315,15 +315,30 @@ def markdown(runs):
     return "\n".join(out)
 
 
+def pyplot(what):
+    """matplotlib.pyplot for files (no display), or None with a note when it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: skipping {what} (pip install matplotlib)", flush=True)
+        return None
+    return plt
+
+
+def save_png(fig, path, **kw):
+    png = io.BytesIO()
+    fig.savefig(png, format="png", **kw)
+    pyplot("").close(fig)
+    write_file(path, png.getvalue())
+
+
 def plot(runs, path):
     """A panel per task (one y axis), a line per (run, mode): accuracy vs document tokens (log x),
     shaded with its 95% interval where the results have one. False if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: skipping the plot {path} (pip install matplotlib)")
+    plt = pyplot(f"the plot {path}")
+    if plt is None:
         return False
     names = list(dict.fromkeys(r["task"] for _, res in runs for r in res["results"]))
     fig, axes = plt.subplots(1, len(names), figsize=(1 + 4 * len(names), 4.2), sharey=True, squeeze=False)
@@ -341,12 +356,41 @@ def plot(runs, path):
         ax.grid(alpha=0.3)
     axes[0][0].set(ylabel="accuracy (x100)", ylim=(-2, 102))
     axes[0][-1].legend(fontsize=8)
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    write_file(path, png.getvalue())
+    save_png(fig, path, dpi=150, bbox_inches="tight")
     print(f"wrote {path}")
     return True
+
+
+def plot_curves(metrics_path):
+    """Reward, accuracy, groups kept and held-out accuracy per task over the steps of metrics.jsonl,
+    a panel per task, to curves.png beside it -> its path (None without matplotlib or anything to plot)."""
+    plt = pyplot("training curves")
+    if plt is None:
+        return None
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    names = sorted({k.split("/", 1)[1] for m in rows for k in m if k.startswith(("reward/", "val_accuracy/"))})
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], names):
+        for key, label, style in ((f"reward/{task}", "reward", "-"), (f"accuracy/{task}", "accuracy", "--"),
+                                  (f"val_accuracy/{task}", "held-out accuracy", "o-")):
+            points = [(m["step"], m[key]) for m in rows if key in m]
+            if points:
+                ax.plot(*zip(*points), style, label=label, markersize=3)
+        kept = [(m["step"], m[f"kept_groups/{task}"] / max(m[f"groups/{task}"], 1))
+                for m in rows if f"groups/{task}" in m]
+        if kept:
+            ax.plot(*zip(*kept), ":", color="gray", label="groups kept / generated")
+        ax.set(title=task, xlabel="step", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(os.path.dirname(metrics_path), "curves.png")
+    save_png(fig, path, dpi=100)
+    return path
+
 
 
 # --------------------------------------------------------------------------------------------

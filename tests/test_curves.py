@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import eval as ev
 import train
 from test_train import config, low_ids
 from train import Trainer
@@ -37,6 +38,6 @@ def test_per_task_metrics_and_the_curves(tmp_path, tokenizer_path, capsys):
 def test_no_matplotlib_no_plot_and_a_note(tmp_path, monkeypatch, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/vt": 0.5}) + "\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    assert train.plot_curves(str(tmp_path / "metrics.jsonl")) is None
+    assert ev.plot_curves(str(tmp_path / "metrics.jsonl")) is None
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "curves.png").exists()
