@@ -27,17 +27,19 @@ from dataclasses import asdict, replace
 
 import torch
 
-from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens, extract_boxed
+from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
-from tasks import (TASKS, Sample, check_length, load_hotpotqa, load_jsonl, make_samples, parse_length, read_records,
-                   score)
+from tasks import (FRAMES, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa, load_jsonl,
+                   make_samples, parse_length, read_records, score)
 from tokenizer import load_tokenizer
 
-DEFAULTS = dict(lengths="8k", samples=64, n=1, temperature=0.0, top_p=1.0, seed=0)
-# the release's RULER-HotpotQA evaluation (its lengths are documents: about 7K ... 3.5M tokens)
+DEFAULTS = dict(lengths="8k", samples=64, n=1, temperature=0.0, top_p=1.0, seed=0, frame="boxed")
+# the release's RULER-HotpotQA evaluation (its lengths are documents: about 7K ... 3.5M tokens): its
+# final turn asks for "Therefore, the answer is ..." (--frame boxed asks for a box instead)
 PROTOCOLS = {"memagent": dict(lengths=",".join(str(50 * 2**i) for i in range(10)), samples=128, n=1,
-                              temperature=0.7, top_p=0.95, seed=0)}
+                              temperature=0.7, top_p=0.95, seed=0, frame="answer_is")}
+OPEN = ("lengths", "frame")  # the protocol flags a user may still set
 HEADER = (f"{'task':<16} {'length':>9} {'samples':>7} {'n':>3} {'acc':>6} {'95% CI':>13} {'tokens read':>11} "
           f"{'seconds':>8} {'tok/s':>8} {'errors':>6}")
 
@@ -117,14 +119,14 @@ def wilson(mean, count, z=1.96):
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def answer_prompts(engine, tok, prompts, params, n):
-    """(sample index i, prompt ids) pairs -> n (completion, text, boxed answer) each, sample-major. Rollout
-    k of sample i draws its own noise, as the agent seeds its turns; a None seed stays unseeded."""
+def answer_prompts(engine, tok, prompts, params, n, extract=extract_boxed):
+    """(sample index i, prompt ids) pairs -> n (completion, text, extracted answer) each, sample-major.
+    Rollout k of sample i draws its own noise, as the agent seeds its turns; a None seed stays unseeded."""
     completions = engine.generate([p for _, p in prompts for _ in range(n)],
                                   [replace(params, seed=None if params.seed is None else derive_seed(params.seed, i, k))
                                    for i, _ in prompts for k in range(n)])
     texts = [tok.decode([i for i in c.token_ids if i not in tok.stop_ids and i != tok.pad_id]) for c in completions]
-    return [(c, text, extract_boxed(text)) for c, text in zip(completions, texts)]
+    return [(c, text, extract(text)) for c, text in zip(completions, texts)]
 
 
 def run_direct(agent, engine, samples, params, n, max_prompt_tokens):
@@ -139,7 +141,7 @@ def run_direct(agent, engine, samples, params, n, max_prompt_tokens):
             continue
         outs += [dict(tokens_read=len(prompt) - frame, doc_tokens=doc, error=None, memories=[]) for _ in range(n)]
         prompts.append((i, prompt))
-    answers = iter(answer_prompts(engine, agent.tok, prompts, params, n))
+    answers = iter(answer_prompts(engine, agent.tok, prompts, params, n, agent.extract))
     for o in outs:
         if o["error"] is None:
             c, text, answer = next(answers)
@@ -176,14 +178,14 @@ def make_engine(model, sequences, seed, progress):
                   seed=seed, progress=progress)
 
 
-def cell_runner(engine, tokenizer, agent, mode, params, n, progress):
+def cell_runner(engine, tokenizer, agent, mode, params, n, progress, frame):
     """-> run(samples): one output per rollout, sample-major."""
     if mode == "agent":
-        runner = MemoryAgent(engine, tokenizer, agent, keep_conversations=False, progress=progress)
+        runner = MemoryAgent(engine, tokenizer, agent, keep_conversations=False, progress=progress, frame=frame)
         return lambda cell: [dict(answer_text=t.answer_text, answer=t.answer, tokens_read=t.tokens_read, error=t.error,
                                   doc_tokens=cell[j // n].meta.get("doc_tokens") or t.tokens_read, memories=t.memories)
                              for j, t in enumerate(runner.run(cell, n=n, params=params))]
-    runner = MemoryAgent(None, tokenizer, agent)  # builds the prompts only: the update turn's budget does not apply
+    runner = MemoryAgent(None, tokenizer, agent, frame=frame)  # builds the prompts only: no update-turn budget
     max_prompt = engine.max_len - agent.answer_tokens
     if max_prompt <= 0:
         raise ValueError(f"agent.answer_tokens={agent.answer_tokens} leaves no room in the model's "
@@ -193,11 +195,12 @@ def cell_runner(engine, tokenizer, agent, mode, params, n, progress):
 
 
 def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode="agent", temperature=0.0,
-             top_p=1.0, n=1, seed=0, engine=None, progress=False, out=None, traces=None) -> dict:
+             top_p=1.0, n=1, seed=0, engine=None, progress=False, out=None, traces=None, frame="boxed") -> dict:
     """Run every task x length cell -> {"config", "complete", "results" (a row per cell), "predictions"
     (one per question and rollout)}. `engine` lets a caller (train.py) reuse its own; with `progress`,
     bars and a table row per cell. `out`: the JSON, rewritten after each cell; `traces`: JSONL of each
-    rollout's memories and answer."""
+    rollout's memories and answer. `frame` (tasks.FRAMES): how the final turn gives its answer, and so
+    which form of each task's scorer reads it."""
     if mode not in ("agent", "direct"):
         raise ValueError(f"mode must be 'agent' or 'direct', got {mode!r}")
     cells = check_sweep(tasks, lengths, samples, n, tokenizer, seed, out, traces)
@@ -205,9 +208,9 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
     params.check()
     if engine is None:
         engine = make_engine(model, samples * n, seed, progress)
-    run_cell = cell_runner(engine, tokenizer, agent, mode, params, n, progress)
+    run_cell = cell_runner(engine, tokenizer, agent, mode, params, n, progress, frame)
     config = dict(tasks=list(tasks), lengths=[str(l) for l in lengths], samples=samples, n=n, mode=mode,
-                  agent=asdict(agent), temperature=temperature, top_p=top_p, seed=seed)
+                  agent=asdict(agent), temperature=temperature, top_p=top_p, seed=seed, frame=frame)
     res = dict(config=config, complete=False, results=[], predictions=[])
     if progress:
         print(HEADER, flush=True)
@@ -219,7 +222,7 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
             outs = run_cell(cell)
             seconds = time.perf_counter() - t0
             preds = [dict(task=name, length=length, id=s.id, rollout=j % n, answer=o["answer"], answers=s.answers,
-                          score=0.0 if o["error"] else score(s, o["answer"]), error=o["error"],
+                          score=0.0 if o["error"] else score(s, o["answer_text"], frame), error=o["error"],
                           answer_text=o["answer_text"], tokens_read=o["tokens_read"], doc_tokens=o["doc_tokens"])
                      for j, (s, o) in enumerate(zip((s for s in cell for _ in range(n)), outs))]  # sample-major
             row = cell_row(name, length, mode, cell, preds, n, seconds)
@@ -261,18 +264,32 @@ def question_file(kind, path):
     return records, samples
 
 
-def closed_book(engine, tokenizer, agent: AgentConfig, samples, params: SamplingParams, n=1):
-    """-> (answered flags, rollouts that failed): whether any of n rollouts scores above 0 without the
-    document; None where every rollout failed (such a question is neither kept nor dropped). Asked
-    through the agent's final-answer turn with the empty-memory placeholder, the prompt the policy
-    answers from when nothing was read (a direct prompt with an empty text would test a frame the
-    policy is never trained or evaluated in)."""
-    prompter = MemoryAgent(None, tokenizer, agent)
-    prompts = [(i, prompter.prompt(tokenizer.encode(s.question), [])) for i, s in enumerate(samples)]
-    params = replace(params, max_new_tokens=agent.answer_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
+# the release's closed-book rule: each model answers each question twice, sampled (temperature 1.0,
+# top_p 0.7, 512 tokens), asked for a boxed answer with no document; the question is dropped if any
+# answer boxes a gold answer (its training reward) or contains one anywhere. With several models, run
+# the filter once per model, each on the previous run's output: a question survives only if every
+# model misses it.
+CLOSED_BOOK = dict(n=2, temperature=1.0, top_p=0.7, seed=0)
+CLOSED_BOOK_TOKENS = 512
+CLOSED_BOOK_PROMPT = "Answer the question; put the final answer in \\boxed{{}}.\n\n<problem>\n{problem}\n</problem>"
+
+
+def closed_book(engine, tokenizer, samples, params: SamplingParams, n=CLOSED_BOOK["n"],
+                max_new_tokens=CLOSED_BOOK_TOKENS):
+    """-> (answered flags, rollouts that failed): whether any of n rollouts answers without the
+    document (see CLOSED_BOOK); None where every rollout failed (neither kept nor dropped)."""
+    head, tail = CLOSED_BOOK_PROMPT.split("{problem}")
+    head, tail = tokenizer.encode(head.replace("{{}}", "{}")), tokenizer.encode(tail)
+    prompts = [(i, tokenizer.apply_chat_template([{"role": "user", "content": head + tokenizer.encode(q.question)
+                                                   + tail}])) for i, q in enumerate(samples)]
+    params = replace(params, max_new_tokens=max_new_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
     outs = answer_prompts(engine, tokenizer, prompts, params, n)
+
+    def answers(text, golds):
+        return boxed_em(text, golds) > 0 or any(g.lower() in text.lower() for g in golds)
+
     answered = [None if all(c.finish_reason == "error" for c, _, _ in outs[i * n:(i + 1) * n]) else
-                any(c.finish_reason != "error" and score(s, answer) > 0 for c, _, answer in outs[i * n:(i + 1) * n])
+                any(c.finish_reason != "error" and answers(text, s.answers) for c, text, _ in outs[i * n:(i + 1) * n])
                 for i, s in enumerate(samples)]
     return answered, sum(c.finish_reason == "error" for c, _, _ in outs)
 
@@ -369,9 +386,10 @@ def read_results(p, paths):
 
 
 def resolve_protocol(p, args):
-    """Fill the flags left unset from --protocol's values, or the defaults; a protocol fixes its own."""
-    preset = PROTOCOLS[args.protocol] if args.protocol else DEFAULTS
-    fixed = [k for k in preset if k != "lengths" and getattr(args, k) is not None] if args.protocol else []
+    """Fill the flags left unset from --protocol's values, or the defaults (--closed-book: its own);
+    a protocol fixes its own."""
+    preset = PROTOCOLS[args.protocol] if args.protocol else CLOSED_BOOK if args.closed_book else DEFAULTS
+    fixed = [k for k in preset if k not in OPEN and getattr(args, k) is not None] if args.protocol else []
     if fixed:
         p.error(f"--protocol {args.protocol} fixes {', '.join('--' + k.replace('_', '-') for k in fixed)}")
     for key, value in preset.items():
@@ -389,8 +407,10 @@ def parser():
     for key, kind, text in (("lengths", str, "comma-separated: tokens (8k,128k); documents for hotpotqa"),
                             ("samples", int, "questions per cell"), ("n", int, "rollouts per question, all scored"),
                             ("temperature", float, "0: greedy"), ("top_p", float, "nucleus mass"),
-                            ("seed", int, "sampling seed")):
-        p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{text} (default {DEFAULTS[key]})")
+                            ("seed", int, "sampling seed"),
+                            ("frame", str, f"how the final turn gives its answer, one of {', '.join(FRAMES)}")):
+        p.add_argument("--" + key.replace("_", "-"), type=kind, choices=FRAMES if key == "frame" else None,
+                       help=f"{text} (default {DEFAULTS[key]})")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="a published evaluation's settings")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -398,7 +418,8 @@ def parser():
     p.add_argument("--out", help="write results and predictions to this JSON file (after every cell)")
     p.add_argument("--traces", help="write each rollout's memories and answer to this JSONL file")
     p.add_argument("--closed-book", metavar="OUT_JSONL", help="write the records of the one hotpotqa or jsonl "
-                   "task whose question the model cannot answer without the document")
+                   "task whose question the model cannot answer without the document (of its first --samples "
+                   "records, default all; --n 2, --temperature 1.0, --top-p 0.7 unless given)")
     p.add_argument("--plot", help="write accuracy vs length to this PNG (needs matplotlib)")
     p.add_argument("--markdown", action="store_true", help="print markdown tables of the results")
     p.add_argument("--from", dest="sources", nargs="+", metavar="JSON", help="report these results; run nothing")
@@ -421,8 +442,9 @@ def check_inputs(args):
         return agent, tokenizer, None
     if len(tasks) != 1 or tasks[0].partition(":")[0] not in ("hotpotqa", "jsonl"):
         raise ValueError(f"--closed-book takes one hotpotqa:FILE or jsonl:FILE task, got {args.tasks!r}")
-    if args.n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {args.n}")
+    for name in ("n", "samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {getattr(args, name)}")
     check_writable(args.closed_book, "--closed-book")
     plan(tasks, ["1"])  # the file exists
     return agent, tokenizer, question_file(*tasks[0].split(":", 1))
@@ -447,9 +469,9 @@ def main(argv=None):
         dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
         if question_set:
-            records, questions = question_set
+            records, questions = (part[:args.samples] for part in question_set)  # the release: dev's first 200
             params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-            answered, failed = closed_book(make_engine(model, args.n, args.seed, progress=True), tokenizer, agent,
+            answered, failed = closed_book(make_engine(model, args.n, args.seed, progress=True), tokenizer,
                                            questions, params, args.n)
             with open(args.closed_book, "w") as f:
                 f.writelines(json.dumps(rec) + "\n" for rec, known in zip(records, answered) if known is False)
@@ -460,7 +482,7 @@ def main(argv=None):
             return
         res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, agent,
                        args.mode, args.temperature, args.top_p, args.n, args.seed, progress=True, out=args.out,
-                       traces=args.traces)
+                       traces=args.traces, frame=args.frame)
         res["config"].update(model=args.model, tokenizer=args.tokenizer or args.model, dtype=dtype,
                              device=args.device, label=args.label, protocol=args.protocol)
         if args.out:  # evaluate wrote each cell; this adds where the run came from

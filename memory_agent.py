@@ -26,7 +26,7 @@ import torch
 
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
-from tasks import Sample
+from tasks import FRAMES, Sample, extract_answer_is, extract_boxed
 from tokenizer import load_tokenizer
 
 # The paper's structure, in our own words. {problem}, {memory} and {section} mark where the ids go.
@@ -65,21 +65,35 @@ TEMPLATES["compact"] = {
 }
 
 
+# The release's evaluation frame (eval.py --frame answer_is): the final turn ends its reply with
+# "Therefore, the answer is ...". Kept out of TEMPLATES, whose text trains the tiny tokenizer.
+ANSWER_IS = {
+    "final_answer_is": ("You have read a long text and kept a memory of it. Solve the problem from the "
+                        "memory alone, and end your reply with \"Therefore, the answer is\" followed by the "
+                        "answer.\n\n<problem>\n{problem}\n</problem>\n\n<memory>\n{memory}\n</memory>\n\nAnswer:\n"),
+    "direct_answer_is": ("Read the text and solve the problem, and end your reply with \"Therefore, the answer "
+                         "is\" followed by the answer.\n\n<text>\n{section}\n</text>\n\n"
+                         "<problem>\n{problem}\n</problem>\n\nAnswer:\n"),
+}
+
+
 def load_template(template):
-    """A built-in name, a dict, or a JSON file with keys update, final (direct, empty_memory optional)."""
+    """A built-in name, a dict, or a JSON file with keys update, final (direct, empty_memory,
+    final_answer_is and direct_answer_is optional: the answer-is frame's final and direct turns)."""
     if isinstance(template, dict):
-        t = dict(TEMPLATES["default"], **template)
+        t = {**ANSWER_IS, **TEMPLATES["default"], **template}
     elif template in TEMPLATES:
-        t = TEMPLATES[template]
+        t = {**ANSWER_IS, **TEMPLATES[template]}
     elif os.path.isfile(str(template)):
         with open(template) as f:
             try:
-                t = dict(TEMPLATES["default"], **json.load(f))
+                t = {**ANSWER_IS, **TEMPLATES["default"], **json.load(f)}
             except json.JSONDecodeError as e:
                 raise ValueError(f"{template}: not valid JSON ({e})") from None
     else:
         raise ValueError(f"template '{template}' is neither a built-in {sorted(TEMPLATES)} nor a file")
-    for key, fields in (("update", ("{problem}", "{memory}", "{section}")), ("final", ("{problem}", "{memory}"))):
+    for key, fields in (("update", ("{problem}", "{memory}", "{section}")), ("final", ("{problem}", "{memory}")),
+                        ("final_answer_is", ("{problem}", "{memory}"))):
         missing = [f for f in fields if f not in t[key]]
         if missing:
             raise ValueError(f"template '{key}' lacks the placeholders {missing}")
@@ -164,20 +178,6 @@ class SplicedTemplate:
 
     def render(self, **ids):
         return [i for p in self.parts for i in (ids[p] if isinstance(p, str) else p)]
-
-
-def extract_boxed(text):
-    """The content of the last \\boxed{...} (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        depth, i = 1, start + len("\\boxed{")
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len("\\boxed{"):i - 1].strip()
-        start = text.rfind("\\boxed{", 0, start)  # unclosed: try the one before
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ class Trajectory:
     conversations: list[Conversation] = field(default_factory=list)
     memories: list[str] = field(default_factory=list)  # the memory text after each update
     answer_text: str | None = None
-    answer: str | None = None  # content of the last \boxed{}; None if there is none
+    answer: str | None = None  # the prediction the frame extracts (the last \boxed{}'s content); None if none
     tokens_read: int = 0
     tokens_generated: int = 0
     turns: int = 0
@@ -307,17 +307,21 @@ class _Rollout:
 
 class MemoryAgent:
     def __init__(self, engine, tokenizer, agent: AgentConfig | None = None, keep_conversations=True,
-                 progress=False):
+                 progress=False, frame="boxed"):
         """agent: budgets and template (None: AgentConfig()). engine=None only builds prompts (SFT
         rows). keep_conversations=False drops each turn's ids once used (evaluation of very long
-        documents); training needs them."""
+        documents); training needs them. frame (tasks.FRAMES): how the final and direct turns ask
+        for the answer, and what Trajectory.answer extracts from it."""
         self.engine, self.tok = engine, tokenizer
         self.cfg = agent = agent or AgentConfig()
         agent.validate()  # its fields may have been set one by one since it was built
+        assert frame in FRAMES, frame
         t = load_template(agent.template)
+        suffix = "" if frame == "boxed" else "_" + frame
         self.update = SplicedTemplate(t["update"], tokenizer)
-        self.final = SplicedTemplate(t["final"], tokenizer)
-        self.direct = SplicedTemplate(t["direct"], tokenizer)
+        self.final = SplicedTemplate(t["final" + suffix], tokenizer)
+        self.direct = SplicedTemplate(t["direct" + suffix], tokenizer)
+        self.extract = extract_boxed if frame == "boxed" else extract_answer_is
         self.empty_memory = tokenizer.encode(t["empty_memory"])
         self.keep_conversations = keep_conversations
         self.progress = progress
@@ -440,7 +444,7 @@ class MemoryAgent:
         t.tokens_generated += len(c.token_ids)
         text = self.tok.decode(ids)
         if r.is_final:
-            t.answer_text, t.answer = text, extract_boxed(text)
+            t.answer_text, t.answer = text, self.extract(text)
         else:
             r.memory = ids
             t.memories.append(text)

@@ -538,7 +538,7 @@ def load_jsonl(path, scorer: str = "sub_em") -> list[Sample]:
 
 
 # -----------------------------------------------------------------------------
-# scorers: score(prediction, answers) -> float in [0, 1]; a None prediction (no answer) scores 0
+# metrics: metric(prediction, answers) -> float in [0, 1]; a None prediction (none extracted) scores 0
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -588,32 +588,134 @@ def string_match_part(prediction, answers) -> float:
     return float(prediction is not None and any(a.lower() in prediction.lower() for a in answers))
 
 
-_LATEX_COMMAND = re.compile(r"\\[a-zA-Z]+")
-_FORMAT_CHARS = str.maketrans("", "", "\\{}$*_`")
+def extract_boxed(text):
+    """The content of the last \\boxed{...} (nested braces allowed), or None: what the metric scorers
+    (exact_match, sub_em, ...) read from a final answer. An unclosed box gives way to the one before."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        depth, i = 1, start + len("\\boxed{")
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len("\\boxed{"):i - 1].strip()
+        start = text.rfind("\\boxed{", 0, start)
+    return None
 
 
-def _boxed_norm(s: str) -> str:
-    # "\text{New York}." and "new york" both become "newyork"
-    s = _LATEX_COMMAND.sub("", s.lower()).translate(_FORMAT_CHARS)
-    return "".join(s.split()).strip(".,;:!?'\"")
+# -----------------------------------------------------------------------------
+# the MemAgent release's training reward (its verl hotpotqa reward, read for its rules)
+
+def _release_box(text: str):
+    """The release's last box: with "\\boxed " (a space) anywhere, the text after the last such
+    marker up to the next "$"; else the last "\\boxed" followed at once by a braced group closed
+    at its own depth. None for anything else (no box, an unclosed one, \\fbox, "\\boxed[..]")."""
+    if "\\boxed " in text:
+        return text.split("\\boxed ")[-1].split("$")[0]
+    start = text.rfind("\\boxed")
+    depth = 0
+    for i in range(start + len("\\boxed"), len(text)) if start >= 0 else ():
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if text[i] == "}" and depth == 0:
+            # the group must open right after the command, else the release's box is malformed
+            return text[start + len("\\boxed{"):i] if text[start + len("\\boxed")] == "{" else None
+    return None
 
 
-def boxed_em(prediction, answers, all_of=False) -> float:
-    """The training reward: extracted \\boxed{} content equal to any gold alias after
-    lower-casing and dropping whitespace and LaTeX/markdown formatting. With all_of, `answers` are
-    values that are all required (multi-value tasks): the comma-separated boxed items must be
-    exactly that set."""
-    if prediction is None:
+def _math_string(s: str) -> str:
+    """The math-answer string normalisation the release compares with (Hendrycks MATH's, cut short):
+    line breaks, \\!, doubled backslashes, tfrac/dfrac, \\left/\\right, degrees, \\$ and \\%,
+    a leading 0 before a bare decimal point, then every space."""
+    # \\% goes twice, as in the release: removing one can join a backslash and a % into another
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
+                     ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", ""),
+                     ("\\%", ""), ("\\%", ""), (" .", " 0."), ("{.", "{0."), (" ", "")):
+        s = s.replace(old, new)
+    return s
+
+
+def boxed_em(text, answers) -> float:
+    """The release's training reward, exactly: in the last 300 characters of the answer, lower-cased,
+    the last \\boxed{} (see _release_box), normalised by _math_string, equal to any lower-cased,
+    normalised gold answer. Formatting is not forgiven: \\boxed{Paris.}, \\boxed{\\text{Paris}} and
+    \\boxed{**Paris**} score 0 against "Paris"."""
+    if text is None:
         return 0.0
-    if all_of:
-        return float({_boxed_norm(p) for p in prediction.split(",")} == {_boxed_norm(a) for a in answers})
-    pred = _boxed_norm(prediction)
-    return float(bool(pred) and any(pred == _boxed_norm(a) for a in answers))
+    boxed = _release_box(text[-300:].lower())
+    if boxed is None:
+        return 0.0
+    return float(any(_math_string(boxed) == _math_string(a.lower()) for a in answers))
 
 
-SCORERS = dict(exact_match=exact_match, sub_em=sub_em, f1=f1, string_match_all=string_match_all,
-               string_match_part=string_match_part, boxed_em=boxed_em)
+# -----------------------------------------------------------------------------
+# the release's evaluation frame: the final turn ends with "Therefore, the answer is ..."
+
+# chat-template markers a decoded DeepSeek-R1 answer may still carry; the release drops them
+_R1_MARKERS = ("<\uff5cAssistant\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>")
 
 
-def score(sample: Sample, prediction) -> float:
-    return SCORERS[sample.meta["scorer"]](prediction, sample.answers)
+def extract_answer_is(text):
+    """The release's evaluation prediction: the text after the last "the answer is" (as written, lower
+    case), once everything up to the last </think> is dropped (the whole text again if nothing
+    follows it); asterisks removed, R1 markers and surrounding spaces and periods stripped. None
+    without that phrase."""
+    if text is None:
+        return None
+    text = text.strip()
+    after = text.split("</think>")[-1].strip()
+    text = (after or text).replace("*", "")
+    if "the answer is" not in text:
+        return None
+    answer = text.rsplit("the answer is", 1)[-1].strip()
+    for marker in _R1_MARKERS:
+        answer = answer.replace(marker, "")
+    return answer.strip().strip(".").strip()
+
+
+def answer_is_sub_em(text, answers) -> float:
+    """The release's RULER-HotpotQA score: the extracted answer and the first gold answer, SQuAD-
+    normalised, one inside the other; no (or an empty) extraction scores 0. As in the release, an
+    extraction that normalises to nothing ("?") is inside every gold and scores 1."""
+    pred = extract_answer_is(text)
+    if not pred or not answers:
+        return 0.0
+    pred, gold = normalize_answer(pred), normalize_answer(answers[0])
+    return float(gold in pred or pred in gold)
+
+
+def answer_is_string_match_all(text, answers) -> float:
+    """The release's RULER score for the synthetic tasks: string_match_all on the extracted answer."""
+    pred = extract_answer_is(text)
+    return round(string_match_all(pred, answers), 2) if pred else 0.0  # rounded per answer, as there
+
+
+def _on(extract, metric):
+    def scorer(text, answers):
+        pred = None if text is None else extract(text)
+        return metric(pred, answers) if pred else 0.0
+    return scorer
+
+
+# Every scorer reads the model's whole final answer. A metric's name reads the last \\boxed{} (the
+# boxed frame); answer_is_ + the name reads the text after "the answer is" (the release's evaluation
+# frame; its sub_em and string_match_all are the release's own, above).
+_METRICS = (exact_match, sub_em, f1, string_match_all, string_match_part)
+SCORERS = {**{m.__name__: _on(extract_boxed, m) for m in _METRICS},
+           **{"answer_is_" + m.__name__: _on(extract_answer_is, m) for m in _METRICS},
+           "answer_is_sub_em": answer_is_sub_em, "answer_is_string_match_all": answer_is_string_match_all,
+           "boxed_em": boxed_em}
+FRAMES = ("boxed", "answer_is")  # how the final turn states its answer; a scorer name per frame below
+
+
+def framed_scorer(name: str, frame: str) -> str:
+    """The SCORERS name that scores metric `name` under `frame`: the name itself in the boxed frame."""
+    if frame == "boxed" or name.startswith("answer_is_"):
+        return name
+    if "answer_is_" + name not in SCORERS:
+        raise ValueError(f"scorer {name!r} has no form for the {frame!r} frame")
+    return "answer_is_" + name
+
+
+def score(sample: Sample, text, frame: str = "boxed") -> float:
+    """The sample's scorer, in `frame`, on the model's whole final answer `text` (None: no answer, 0)."""
+    return SCORERS[framed_scorer(sample.meta["scorer"], frame)](text, sample.answers)

@@ -67,7 +67,7 @@ class RLConfig:
     clip_c: float = 3.0
     loss_agg: str = "token-mean"
     norm_by_std: bool = False  # the released MemAgent scripts use R - mean(R)
-    reward: str = "boxed_em"  # boxed_em (the paper's) | sample (the sample's own scorer)
+    reward: str = "boxed_em"  # boxed_em (the release's, tasks.boxed_em) | sample (the sample's own scorer)
     overlong_buffer: int = 0  # > 0: DAPO's soft penalty on final answers near answer_tokens
     dynamic_sampling: bool = True
     max_rounds: int = 3  # generation rounds per step; then it trains on the informative groups it has
@@ -802,10 +802,10 @@ def make_engine(cfg, model, fsdp, step):
 
 
 def reward(kind, sample, traj):
-    """boxed_em: the paper's exact match of the last \\boxed{}; sample: the sample's own scorer."""
+    """boxed_em: the release's reward (tasks.boxed_em); sample: the sample's own scorer."""
     if kind == "sample":
-        return tasks.score(sample, traj.answer)
-    return tasks.boxed_em(traj.answer, sample.answers, all_of=sample.meta.get("scorer") == "string_match_all")
+        return tasks.score(sample, traj.answer_text)
+    return tasks.boxed_em(traj.answer_text, sample.answers)
 
 
 def shaped_rewards(cfg, reward_fn, sample, group):
@@ -826,7 +826,7 @@ def rollout_metrics(seen):
     answers = [t for t in trajs if t.answer_text is not None]
     return {
         "reward": sum(r for _, _, rs in seen for r in rs), "trajectories": len(trajs),
-        "accuracy": sum(tasks.score(s, t.answer) for s, g, _ in seen for t in g),
+        "accuracy": sum(tasks.score(s, t.answer_text) for s, g, _ in seen for t in g),
         "memory_len": sum(len(c.response_ids) for c in memories), "memory_updates": len(memories),
         "memory_capped": sum(c.finish_reason == "length" for c in memories),
         "answer_len": sum(len(t.conversations[-1].response_ids) for t in answers if t.conversations),
@@ -975,7 +975,7 @@ class Trainer:
         for i, t in enumerate(trajs):
             s = share[i // e.n]
             for key in ("val_accuracy", f"val_accuracy/{s.meta.get('task', 'data')}"):
-                sums[key] = sums.get(key, 0.0) + tasks.score(s, t.answer)
+                sums[key] = sums.get(key, 0.0) + reward(self.cfg.rl.reward, s, t)
                 sums[key + "/n"] = sums.get(key + "/n", 0) + 1
         sums = all_sum(sums, self.device)
         return {k: v / sums[k + "/n"] for k, v in sums.items() if not k.endswith("/n")}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memory_agent import AgentConfig, ChunkStream, MemoryAgent, document_tokens, extract_boxed, main
+from memory_agent import AgentConfig, ChunkStream, MemoryAgent, document_tokens, main
 from rollout import Completion, Engine, SamplingParams
 from stub_engine import QueueEngine
-from tasks import Sample, make_samples, score
+from tasks import Sample, extract_boxed, make_samples, score
 
 
 class CharTokenizer:
@@ -80,7 +80,7 @@ def test_scripted_policy_answers_needles_at_every_length(length):
         assert t.error is None and t.tokens_read == doc_tokens
         assert len(t.conversations) == -(-doc_tokens // 1500) + 1  # ceil(L / chunk) + 1
         assert t.conversations[-1].is_final and not any(c.is_final for c in t.conversations[:-1])
-        assert score(s, t.answer) == 1.0, (t.answer, s.answers)
+        assert score(s, t.answer_text) == 1.0, (t.answer, s.answers)
 
 
 def test_chunks_are_exact_slices_and_prompts_fit():
@@ -151,7 +151,7 @@ def test_bad_input_fails_one_sample_and_the_rest_go_on(tmp_path):
     assert empty.error is None and len(empty.conversations) == 1 and empty.conversations[0].is_final
     assert "long-q" in long_q.error and "question_tokens=100" in long_q.error
     assert "bad.txt" in binary.error and "UTF-8" in binary.error
-    assert score(good, ok.answer) == 1.0
+    assert score(good, ok.answer_text) == 1.0
 
 
 def test_with_the_real_engine_and_section_first_prefix_sharing():
@@ -271,7 +271,7 @@ def test_an_escaping_exception_leaves_the_engine_clean(how):
     again = agent.run(samples, n=2)
     fresh = MemoryAgent(ScriptedEngine(TOK), TOK, SMALL).run(samples, n=2)
     assert [(t.answer, t.memories) for t in again] == [(t.answer, t.memories) for t in fresh]
-    assert all(score(s, t.answer) == 1.0 for s, t in zip([samples[0]] * 2 + [samples[1]] * 2, again))
+    assert all(score(s, t.answer_text) == 1.0 for s, t in zip([samples[0]] * 2 + [samples[1]] * 2, again))
 
 
 def test_quickstart_reads_one_document_with_the_checkpoints_settings(tmp_path, capsys):

@@ -170,7 +170,7 @@ def test_ideal_memory_trace():
         relevant = [r for r in s.meta["needles"] if r["relevant"]]
         assert sorted(trace[-1]) == sorted(r["text"] for r in relevant)
         # a reader keeping exactly the ideal memory answers correctly
-        assert tasks.score(s, " ".join(trace[-1])) == 1.0
+        assert tasks.score(s, "\\boxed{" + " ".join(trace[-1]) + "}") == 1.0
         for r in relevant:
             first = (r["offset"] + r["tokens"] - 1) // 1000
             assert r["text"] in trace[first] and (first == 0 or r["text"] not in trace[first - 1])
@@ -257,7 +257,7 @@ def test_two_hop_questions():
         assert not (set(tasks.PEOPLE) | set(tasks.PLACES)) & set(text.replace(".", "").split())
         orders[link["offset"] < home["offset"]] += 1
         split += link["offset"] // chunk != home["offset"] // chunk
-        assert tasks.score(s, place) == 1.0 and tasks.score(s, places[1]) == 0.0
+        assert tasks.score(s, f"\\boxed{{{place}}}") == 1.0 and tasks.score(s, f"\\boxed{{{places[1]}}}") == 0.0
     assert orders[True] >= 8 and orders[False] >= 8  # the two facts come in either order
     assert split >= 20  # and usually in different chunks
 
@@ -477,7 +477,7 @@ def test_load_jsonl(tmp_path):
     a, b = tasks.load_jsonl(path)
     assert (a.id, a.question, a.document, a.answers) == ("a", "Q?", "Long text.", ["x", "y"])
     assert (b.id, b.answers, b.meta["line"], b.meta["scorer"]) == ("7", ["z"], 4, "sub_em")
-    assert tasks.document_text(b) == "More." and tasks.score(b, "it is Z") == 1.0
+    assert tasks.document_text(b) == "More." and tasks.score(b, "\\boxed{it is Z}") == 1.0
 
 
 @pytest.mark.parametrize("line,message", [
@@ -548,24 +548,71 @@ def test_string_match():
     assert tasks.string_match_part(None, golds) == 0.0
 
 
-def test_boxed_em():
-    assert tasks.boxed_em(" New  York ", ["new york"]) == 1.0
-    assert tasks.boxed_em("\\text{New York}.", ["NYC", "New York"]) == 1.0
-    assert tasks.boxed_em("**Paris**", ["paris"]) == 1.0
-    assert tasks.boxed_em("Paris, France", ["Paris"]) == 0.0
-    # multi-value answers: every value, nothing else, in any order
-    assert tasks.boxed_em("4455667, 1234567", ["1234567", "4455667"], all_of=True) == 1.0
-    assert tasks.boxed_em("1234567", ["1234567", "4455667"], all_of=True) == 0.0
-    assert tasks.boxed_em("1234567, 4455667, 9", ["1234567", "4455667"], all_of=True) == 0.0
-    assert tasks.boxed_em("", ["Paris"]) == 0.0 and tasks.boxed_em(None, ["Paris"]) == 0.0
-    assert tasks.boxed_em("Zürich", ["ZÜRICH"]) == 1.0
-    assert tasks.boxed_em("50\\%", ["50%"]) == 1.0 and tasks.boxed_em("$\\mathrm{H_2O}$", ["h2o"]) == 1.0
+def test_boxed_em_is_the_release_reward():
+    """The last \\boxed{} of the answer's final 300 characters, lower-cased, math-string normalised,
+    equal to a gold answer; formatting is not forgiven and a malformed box scores 0."""
+    golds = ["Paris"]
+    assert tasks.boxed_em("It is \\boxed{Paris}.", golds) == 1.0
+    assert tasks.boxed_em("\\boxed{PARIS}", ["paris"]) == 1.0  # both sides lower-cased
+    assert tasks.boxed_em("\\boxed{ New York }", ["new york"]) == 1.0  # every space dropped
+    for text in ("\\boxed{Paris.}", "\\boxed{\\text{Paris}}", "\\boxed{**Paris**}", "Paris", "\\boxed{Paris",
+                 "\\fbox{Paris}", "\\boxed\\text{Paris}", "\\boxed{Paris, France}", "", None):
+        assert tasks.boxed_em(text, golds) == 0.0, text
+    assert tasks.boxed_em("\\boxed{Lyon} or rather \\boxed{Paris}", golds) == 1.0  # the last box
+    assert tasks.boxed_em("\\boxed{Paris} or rather \\boxed{Lyon}", golds) == 0.0
+    assert tasks.boxed_em("\\boxed{Paris}" + " " * 300, golds) == 0.0  # outside the last 300 characters
+    assert tasks.boxed_em("x" * 1000 + "\\boxed{Paris}", golds) == 1.0
+    assert tasks.boxed_em("\\boxed{Rome}", ["Paris", "Rome"]) == 1.0  # any gold
+    assert tasks.boxed_em("\\boxed{{Paris}}", golds) == 0.0  # braces are kept
+    # "\\boxed " (a space) takes the text after it up to a dollar sign, anywhere in the answer
+    assert tasks.boxed_em("$\\boxed Paris$ is it", golds) == 1.0
+    assert tasks.boxed_em("\\boxed Paris and \\boxed{Lyon}", golds) == 0.0
+    # the math-string rules: \\left, \\right, \\!, \\$, \\%, tfrac, a bare decimal point, line breaks
+    assert tasks.boxed_em("\\boxed{\\left(1,2\\right)}", ["(1, 2)"]) == 1.0
+    assert tasks.boxed_em("\\boxed{50\\%}", ["50"]) == 1.0 and tasks.boxed_em("\\boxed{50%}", ["50"]) == 0.0
+    assert tasks.boxed_em("\\boxed{\\$5}", ["5"]) == 1.0 and tasks.boxed_em("\\boxed{\\tfrac{1}{2}}", ["\\frac{1}{2}"]) == 1.0
+    assert tasks.boxed_em("\\boxed{x = .5}", ["x=0.5"]) == 1.0 and tasks.boxed_em("\\boxed{new\nyork}", ["newyork"]) == 1.0
+    assert tasks.boxed_em("\\boxed{90^\\circ}", ["90"]) == 1.0 and tasks.boxed_em("\\boxed{a\\!b}", ["ab"]) == 1.0
+
+
+def test_answer_is_sub_em_is_the_release_evaluation():
+    score = tasks.SCORERS["answer_is_sub_em"]
+    golds = ["The Beatles", "Queen"]
+    assert score("I think so. Therefore, the answer is The Beatles.", golds) == 1.0
+    assert score("Therefore, the answer is **Beatles**", golds) == 1.0  # asterisks go; prediction in gold
+    assert score("the answer is Ringo and the Beatles", golds) == 1.0  # gold in prediction
+    assert score("the answer is Queen", golds) == 0.0  # the first gold answer only
+    assert score("The Beatles", golds) == 0.0 and score(None, golds) == 0.0  # nothing extracted
+    assert score("The answer is The Beatles", golds) == 0.0  # the phrase as written, in lower case
+    assert score("the answer is .", golds) == 0.0  # empty once the periods go
+    assert score("the answer is Stones, not the answer is Beatles", golds) == 1.0  # the last one
+    assert score("the answer is Beatles</think> so the answer is Stones", golds) == 0.0  # after </think>
+    assert score("<think>the answer is Stones</think>the answer is Beatles", golds) == 1.0
+    assert score("<think>the answer is Beatles</think>  ", golds) == 1.0  # nothing after: the whole text
+    assert score("the answer is ?", golds) == 1.0  # as in the release: "" is inside every gold
+    assert tasks.extract_answer_is("So the answer is ...Paris..  ") == "Paris"
+    assert tasks.extract_answer_is("no phrase") is None
+
+
+def test_scorers_read_the_whole_answer_in_their_frame():
+    golds = ["alpha", "beta"]
+    assert tasks.SCORERS["string_match_all"]("\\boxed{Alpha, beta}", golds) == 1.0
+    assert tasks.SCORERS["string_match_all"]("alpha beta", golds) == 0.0  # no box, no prediction
+    assert tasks.SCORERS["answer_is_string_match_all"]("the answer is alpha", golds) == 0.5
+    assert tasks.SCORERS["answer_is_string_match_all"]("the answer is a, b, c", ["a", "b", "x"]) == 0.67  # rounded
+    assert tasks.SCORERS["answer_is_exact_match"]("so the answer is Beta.", golds) == 1.0
+    s = Sample("x", "Q?", "doc", golds, {"scorer": "sub_em"})
+    assert tasks.score(s, "\\boxed{beta}") == 1.0 and tasks.score(s, "the answer is beta") == 0.0
+    assert tasks.score(s, "the answer is beta", frame="answer_is") == 0.0  # first gold only
+    assert tasks.score(s, "the answer is alpha", frame="answer_is") == 1.0
+    with pytest.raises(ValueError, match="'boxed_em' has no form for the 'answer_is' frame"):
+        tasks.score(Sample("x", "Q?", "", golds, {"scorer": "boxed_em"}), "", frame="answer_is")
 
 
 def test_score_uses_meta_scorer():
     s = Sample("x", "Q?", "doc", ["Alpha", "Beta"], {"scorer": "string_match_all"})
-    assert tasks.score(s, "alpha beta") == 1.0 and tasks.score(s, "alpha") == 0.5
+    assert tasks.score(s, "\\boxed{alpha beta}") == 1.0 and tasks.score(s, "\\boxed{alpha}") == 0.5
     s.meta["scorer"] = "sub_em"
-    assert tasks.score(s, "the beta") == 1.0
-    assert set(tasks.SCORERS) == {"exact_match", "sub_em", "f1", "string_match_all",
-                                  "string_match_part", "boxed_em"}
+    assert tasks.score(s, "\\boxed{the beta}") == 1.0
+    metrics = {"exact_match", "sub_em", "f1", "string_match_all", "string_match_part"}
+    assert set(tasks.SCORERS) == metrics | {"answer_is_" + m for m in metrics} | {"boxed_em"}
