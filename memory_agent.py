@@ -110,6 +110,8 @@ class AgentConfig:
     answer_tokens: int = 1024  # cap on the final answer
     question_tokens: int = 1024  # longest question accepted
     template: str = "default"  # a name in TEMPLATES or a JSON file (see load_template)
+    keep_empty_memory: bool = False  # an empty memory the model writes is shown empty (the release), not as
+    # the template's empty_memory placeholder (which always stands for "nothing read yet")
 
     def __post_init__(self):
         self.validate()
@@ -300,7 +302,7 @@ class _Rollout:
     stream: ChunkStream
     reader: int  # rollout index: the stream's reader, and a seed coordinate
     sample_index: int
-    memory: list[int] = field(default_factory=list)
+    memory: list[int] | None = None  # None until the model writes one
     prompt: list[int] | None = None
     is_final: bool = False
 
@@ -349,9 +351,12 @@ class MemoryAgent:
         return self.tok.apply_chat_template([{"role": "user", "content": content_ids}])
 
     def prompt(self, problem, memory, chunk=None):
-        """The prompt ids of a memory update (chunk given) or of the final answer (chunk None)."""
+        """The prompt ids of a memory update (chunk given) or of the final answer (chunk None). memory
+        None (nothing written yet) shows the placeholder; so does an empty one unless keep_empty_memory."""
+        if memory is None or not (memory or self.cfg.keep_empty_memory):
+            memory = self.empty_memory
         template = self.final if chunk is None else self.update
-        return self._wrap(template.render(problem=problem, memory=memory or self.empty_memory, section=chunk))
+        return self._wrap(template.render(problem=problem, memory=memory, section=chunk))
 
     def run(self, samples: list[Sample], n=1, params: SamplingParams = SamplingParams(),
             on_turn=None) -> list[Trajectory]:
@@ -467,8 +472,14 @@ class MemoryAgent:
 def add_agent_flags(parser):
     """--chunk-tokens, --memory-tokens, --answer-tokens, --question-tokens, --template."""
     for f in fields(AgentConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
+        parser.add_argument("--" + f.name.replace("_", "-"), type=_true_or_false if f.type is bool else f.type,
                             help=f"overrides the checkpoint's agent.json (without one: {f.default})")
+
+
+def _true_or_false(text):
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
 
 
 def agent_config(model, args):

@@ -16,6 +16,7 @@ needle numbered `until` is read, if any); depth (of the first relevant needle): 
 
 import json
 import math
+import random
 import re
 import string
 import zlib
@@ -438,13 +439,16 @@ def _check_hotpot_item(path, i, item):
 def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0,
                   context: str = "release") -> list[Sample]:
     """HotpotQA questions over `num_docs` documents each, from the dev-distractor layout (a JSON
-    list, or JSONL: one item per line). context="release" (the MemAgent release) starts from all
-    of the question's own paragraphs (2 gold, 8 distractors retrieved for it); "supporting" from
-    its gold paragraphs only. Seeded paragraphs of the file with other titles (other questions'
-    for "release") fill up to num_docs; the placement is shuffled; each is formatted
-    "Document i:\\n{title}\\n{text}" (i from 1), joined by blank lines. The fill at a larger num_docs
-    includes the fill at a smaller one. A num_docs below a question's own paragraph count is an
-    error, not a truncation."""
+    list, or JSONL: one item per line); with num_samples, the file's first num_samples questions (the
+    release evaluates the first 128 it keeps). context="release" (the MemAgent release) starts from
+    all of the question's own paragraphs (2 gold, 8 distractors retrieved for it); "supporting" from
+    its gold paragraphs only. Paragraphs of the file with other titles (other questions' for
+    "release") fill up to num_docs, drawn for each question and each num_docs apart (seeded). As in
+    the release, one fixed shuffle of num_docs slots (random.Random(4)) places them: a question's own
+    paragraphs come first in the list it shuffles, so at a given num_docs they sit in the same slots
+    for every question with as many paragraphs. Each is formatted "Document i:\\n{title}\\n{text}"
+    (i from 1), joined by blank lines. A num_docs below a question's own paragraph count is an error,
+    not a truncation."""
     if context not in ("release", "supporting"):
         raise ValueError(f"context must be 'release' or 'supporting', got {context!r}")
     _check_positive("num_docs", num_docs)
@@ -461,13 +465,13 @@ def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0,
                 seen.add(title)
                 titles.append(title)
                 texts.append("".join(sentences))  # HotpotQA sentences carry their own spaces
-    picks = range(len(items))
-    if num_samples is not None and num_samples < len(items):
-        picks = sorted(np.random.default_rng(seed).choice(len(items), num_samples, replace=False).tolist())
-    return [_hotpot_sample(path, i, items[i], titles, texts, num_docs, seed, context) for i in picks]
+    slots = list(range(num_docs))
+    random.Random(4).shuffle(slots)  # the release's placement, the same for every question
+    return [_hotpot_sample(path, i, items[i], titles, texts, num_docs, seed, context, slots)
+            for i in range(min(num_samples or len(items), len(items)))]
 
 
-def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context) -> Sample:
+def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context, slots) -> Sample:
     paragraphs = {}
     for title, sentences in item["context"]:
         paragraphs.setdefault(title, sentences)
@@ -484,10 +488,9 @@ def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context) -> Sam
 
     def pieces():
         # drawn when read, not when loaded: building 90K training questions stays instant
-        rng = np.random.default_rng([seed, i])
-        first = rng.permutation(len(titles))[:need + len(own)].tolist()  # holds `need` others at least
-        fill = [j for j in first if titles[j] not in own_titles][:need]
-        for n, k in enumerate(rng.permutation(num_docs).tolist()):
+        first = np.random.default_rng([seed, num_docs, i]).permutation(len(titles))[:need + len(own)].tolist()
+        fill = [j for j in first if titles[j] not in own_titles][:need]  # `first` holds `need` others at least
+        for n, k in enumerate(slots):
             title, text = own[k] if k < len(own) else (titles[fill[k - len(own)]], texts[fill[k - len(own)]])
             yield ("\n\n" if n else "") + f"Document {n + 1}:\n{title}\n{text}"
 

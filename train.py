@@ -50,6 +50,8 @@ class DataConfig:
     hotpot_docs: int = 200  # documents per HotpotQA question
     questions_per_step: int = 8  # over all ranks
     shuffle: bool = True  # a file's questions in a fresh seeded order each epoch, or in file order
+    max_questions: int = 0  # > 0: only a file's first max_questions questions, cycled (the release: 8192)
+    max_chunks: int = 0  # > 0: a longer document keeps its first and last max_chunks x chunk_tokens / 2 tokens
     # SFT of a model trained from scratch (the embedded tiny agent):
     copy_warmup_steps: int = 0  # first steps train on repeated random text (copy_rows) instead
     tokenizer_tasks: str = ""  # tasks whose text trains a from-scratch tokenizer (default TOKENIZER_TASKS)
@@ -73,6 +75,7 @@ class RLConfig:
     max_rounds: int = 3  # generation rounds per step; then it trains on the informative groups it has
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    shuffle_mini_batches: bool = True  # a seeded permutation of the rows, or contiguous slices in turn order
 
 
 @dataclass
@@ -85,6 +88,8 @@ class OptimConfig:
     beta2: float = 0.999
     grad_clip: float = 1.0
     micro_batch_tokens: int = 16384
+    warmup_from_zero: bool = False  # the LR at step s of the warm-up: s / warmup_steps (0 first), else (s + 1) / ...
+    decay_all: bool = False  # weight decay on every parameter, or not on norms and biases
 
 
 @dataclass
@@ -189,9 +194,9 @@ RULES = [(k, lambda v: v >= 1, ">= 1") for k in (
     "data.questions_per_step", "rl.n", "rl.mini_batches", "rl.max_rounds", "optim.micro_batch_tokens",
     "engine.block_size", "engine.max_num_seqs", "engine.max_num_batched_tokens", "eval.samples", "eval.n")]
 RULES += [(k, lambda v: v >= 0, ">= 0") for k in (
-    "seed", "data.copy_warmup_steps", "rl.overlong_buffer", "rl.kl_coef", "optim.warmup_steps",
-    "optim.cooldown_steps", "optim.weight_decay", "engine.num_blocks", "eval.every", "eval.temperature",
-    "eval.seed")]
+    "seed", "data.copy_warmup_steps", "data.max_questions", "data.max_chunks", "rl.overlong_buffer", "rl.kl_coef",
+    "optim.warmup_steps", "optim.cooldown_steps", "optim.weight_decay", "engine.num_blocks", "eval.every",
+    "eval.temperature", "eval.seed")]
 RULES += [
     ("rl.temperature", lambda v: v > 0, "> 0 (RL samples its rollouts)"),
     ("rl.top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("eval.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -390,15 +395,16 @@ def build_reference(cfg, device, fsdp):
 
 
 def build_optimizer(cfg, model, fsdp):
-    """AdamW (no decay on norms and biases) and a warm-up, stable, cool-down LR schedule."""
+    """AdamW (no decay on norms and biases unless decay_all) and a warm-up, stable, cool-down LR schedule."""
     o = cfg.optim
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2 or o.decay_all]
+    rest = [p for p in model.parameters() if p.dim() < 2 and not o.decay_all]
+    first = 0 if o.warmup_from_zero else 1
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                              {"params": rest, "weight_decay": 0.0}],
                             lr=o.lr, betas=(o.beta1, o.beta2), foreach=not fsdp)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps),
+        opt, lambda s: min(1.0, (s + first) / max(1, o.warmup_steps),
                            (cfg.steps - s) / o.cooldown_steps if o.cooldown_steps else 1.0))
     return opt, sched
 
@@ -613,11 +619,19 @@ class Questions:
     def __init__(self, cfg: Config, tok):
         self.cfg, self.tok = cfg, tok
         self.samples = load_task_source(cfg.data.tasks, tok, cfg.data.hotpot_docs, cfg.seed)
+        if self.samples is not None and cfg.data.max_questions:
+            self.samples = self.samples[:cfg.data.max_questions]
         if self.samples is None:
             self.names = cfg.data.tasks.split(",")
             self.lengths = [tasks.parse_length(x) for x in cfg.data.lengths.split(",")]
 
     def get(self, i):
+        sample = self._get(i)
+        if self.cfg.data.max_chunks:
+            return centre_truncated(sample, self.tok, self.cfg.data.max_chunks * self.cfg.agent.chunk_tokens)
+        return sample
+
+    def _get(self, i):
         if self.samples is not None:
             epoch, j = divmod(i, len(self.samples))
             if not self.cfg.data.shuffle:
@@ -627,6 +641,15 @@ class Questions:
         task = self.names[i % len(self.names)]
         length = self.lengths[i // len(self.names) % len(self.lengths)]
         return tasks.TASKS[task](length, self.tok, seed=self.cfg.seed, index=i)
+
+
+def centre_truncated(sample, tok, max_tokens):
+    """The release's training contexts: the document as token ids, its first and last max_tokens // 2
+    ids kept when it is longer than max_tokens."""
+    ids = [i for piece in document_tokens(sample.document, tok) for i in piece]
+    if len(ids) > max_tokens:
+        ids = ids[:max_tokens // 2] + ids[len(ids) - max_tokens // 2:]
+    return dataclasses.replace(sample, document=ids)
 
 
 def teacher_rows(sample, agent, tok, direct=False):
@@ -640,7 +663,7 @@ def teacher_rows(sample, agent, tok, direct=False):
         return []  # a needle cut by a chunk boundary: no memory could hold it whole, so no ideal trace
     problem = tok.encode(sample.question)
     stream = ChunkStream(document_tokens(sample.document, tok), C, 1)
-    end, rows, memory = [tok.end_of_turn_id], [], []
+    end, rows, memory = [tok.end_of_turn_id], [], None
     for kept in tasks.ideal_memory_trace(sample, C):
         chunk = stream.next(0)
         target = tok.encode(" ".join(kept))
@@ -808,6 +831,16 @@ def reward(kind, sample, traj):
     return tasks.boxed_em(traj.answer_text, sample.answers)
 
 
+def mini_batch_order(trajs, shuffle, seed):
+    """The order of the trajectories' rows (one per conversation, trajectory by trajectory) that the
+    mini-batches cut into contiguous slices: seeded at random, or the release's batch order (every
+    trajectory's first memory update, then every second one, ..., the final answers last)."""
+    turns = [(1, 0) if c.is_final else (0, c.turn) for t in trajs for c in t.conversations]
+    if shuffle:
+        return np.random.default_rng(seed).permutation(len(turns))
+    return np.array(sorted(range(len(turns)), key=turns.__getitem__), dtype=np.int64)
+
+
 def shaped_rewards(cfg, reward_fn, sample, group):
     """Each trajectory's reward, plus DAPO's overlong penalty on its final answer when enabled."""
     rewards = [float(reward_fn(sample, t)) for t in group]
@@ -922,7 +955,7 @@ class Trainer:
         groups = [i for i, (_, g, _) in enumerate(kept) for _ in g]
         adv = dapo.group_advantages([r for _, _, rs in kept for r in rs], groups, norm_by_std=cfg.rl.norm_by_std)
         rows = dapo.rows_from_trajectories(trajs, adv.tolist())
-        order = np.random.default_rng([cfg.seed, self.step]).permutation(len(rows))
+        order = mini_batch_order(trajs, cfg.rl.shuffle_mini_batches, [cfg.seed, self.step])
         mini = [self.learner.micro_batches([rows[i] for i in part])
                 for part in np.array_split(order, cfg.rl.mini_batches)]
         m = {}
@@ -962,7 +995,8 @@ class Trainer:
         return m
 
     def validate(self):
-        """Held-out accuracy with the live policy, each rank a share of the questions; by task too."""
+        """Held-out accuracy (by rl.reward, as the release validates with its reward) with the live policy,
+        each rank a share of the questions; by task too."""
         e = self.cfg.eval
         share = self.held_out[self.rank::self.world]
         self.model.eval()

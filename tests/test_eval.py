@@ -196,7 +196,7 @@ def test_evaluate_in_process(checkpoint, mode):
         ("niah_single", 300), ("niah_single", 1200), ("vt", 300), ("vt", 1200)]
     assert len(res["predictions"]) == 16 and res["complete"]
     assert res["config"]["agent"] == dict(chunk_tokens=256, memory_tokens=8, answer_tokens=4, question_tokens=64,
-                                          template="default")
+                                          template="default", keep_empty_memory=False)
     json.loads(json.dumps(res))  # serialisable as is
     for r in res["results"]:
         assert set(r) == ROW_KEYS and r["mode"] == mode and (r["samples"], r["n"], r["errors"]) == (2, 2, 0)
@@ -321,7 +321,7 @@ def test_cli_reads_agent_json_then_reports_from_saved_results(checkpoint, tmp_pa
     res = json.loads(out.read_text())
     assert res["config"]["label"] == "micro" and res["config"]["samples"] == 2 and res["complete"]
     assert res["config"]["agent"] == dict(chunk_tokens=256, memory_tokens=8, answer_tokens=3, question_tokens=64,
-                                          template="default")  # agent.json, then the flag
+                                          template="default", keep_empty_memory=False)  # agent.json, then the flag
     assert len(res["results"]) == 1 and len(res["predictions"]) == 2
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed

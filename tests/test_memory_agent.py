@@ -205,6 +205,42 @@ def test_agent_config_validates_saves_and_loads(tmp_path):
             AgentConfig.load(tmp_path)
 
 
+class Forgetful(QueueEngine):
+    """Writes an empty memory after every section and answers from whatever memory it is shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.memories = []
+
+    def reply(self, rid, prompt, params):
+        text = TOK.decode(prompt)
+        self.memories.append(re.search(r"<memory>\n(.*?)\n</memory>", text, re.S).group(1))
+        ids = ([] if "<section>" in text else TOK.encode("\\boxed{x}")) + [1]
+        return Completion(ids, [0.0] * len(ids), "stop", None, rid)
+
+
+@pytest.mark.parametrize("keep, shown", [(False, "No previous memory."), (True, "")])
+def test_an_empty_memory_the_model_writes_is_kept_empty_when_asked(keep, shown):
+    engine = Forgetful()
+    agent = MemoryAgent(engine, TOK, replace(SMALL, chunk_tokens=40, keep_empty_memory=keep))
+    (t,) = agent.run([Sample("s", "Q?", "x" * 100, ["x"])])
+    assert t.memories == ["", "", ""] and t.answer == "x"
+    # the first turn has read nothing yet: the placeholder either way (as the release shows it)
+    assert engine.memories == ["No previous memory.", shown, shown, shown]
+
+
+def test_a_template_file_brings_its_own_answer_is_wording(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"update": "U {problem}|{memory}|{section}", "final": "F {problem}|{memory}",
+                                "final_answer_is": "A {problem}|{memory}"}))
+    for frame, head in (("boxed", "F "), ("answer_is", "A ")):
+        agent = MemoryAgent(None, TOK, AgentConfig(template=str(path)), frame=frame)
+        assert TOK.decode(agent.prompt(TOK.encode("q"), None)) == f"<user>\n{head}q|No previous memory.\n<assistant>\n"
+    built_in = MemoryAgent(None, TOK, AgentConfig(), frame="answer_is")
+    assert "Therefore, the answer is" in TOK.decode(built_in.prompt(TOK.encode("q"), TOK.encode("m")))
+    assert "Therefore, the answer is" in TOK.decode(built_in.direct_prompt(Sample("s", "q", "doc", []), 10 ** 4))
+
+
 def test_run_refuses_fewer_than_one_rollout():
     agent = MemoryAgent(ScriptedEngine(TOK), TOK, SMALL)
     for n in (0, -1, 1.5):

@@ -5,6 +5,7 @@ the JSONL loader and the scorers."""
 import io
 import json
 import math
+import random
 import re
 import time
 from collections import Counter
@@ -370,8 +371,9 @@ def test_hotpotqa_release_contexts(tmp_path):
         assert s.meta["scorer"] == "sub_em" and s.meta["context"] == "release"
         assert s.meta["gold_titles"] == [f"Gold {s.id[1:]}-0", f"Gold {s.id[1:]}-1"]
         assert s.meta["supporting"] == [f"Gold fact 0 of {s.id[1:]}.", f"More gold {s.id[1:]}-1."]
-        own_places |= {k for k, t in enumerate(titles) if t in own}
-    assert len(own_places) > 20  # own paragraphs are placed anywhere among the 30, not first
+        own_places.add(tuple(k for k, t in enumerate(titles) if t in own))
+    # the release's placement: the same slots for every question, not the first ones
+    assert len(own_places) == 1 and own_places != {tuple(range(10))}
 
 
 def test_hotpotqa_seeds_sizes_and_subsets(tmp_path):
@@ -384,13 +386,23 @@ def test_hotpotqa_seeds_sizes_and_subsets(tmp_path):
     other = tasks.load_hotpotqa(path, num_docs=30, seed=2)
     assert all(a != b for a, b in zip(text(samples), text(other)))
     assert any(titles(a) != titles(b) for a, b in zip(samples, other))  # a different fill, not only order
-    # the fill at 15 documents is part of the fill at 30
-    for a, b in zip(tasks.load_hotpotqa(path, num_docs=15, seed=1), samples):
-        assert len(titles(a)) == 15 and titles(a) <= titles(b)
+    # the filler is drawn for each document count apart, not nested
+    fewer = tasks.load_hotpotqa(path, num_docs=15, seed=1)
+    assert all(len(titles(a)) == 15 for a in fewer) and any(not titles(a) <= titles(b) for a, b in zip(fewer, samples))
+    # the question's own paragraphs, in the order of its context, go where the release's fixed shuffle
+    # (random.Random(4) over the slots) sends the first entries of the list
+    for n in (15, 30):
+        order = list(range(n))
+        random.Random(4).shuffle(order)
+        for s, item in zip(tasks.load_hotpotqa(path, num_docs=n, seed=1), hotpot_items()):
+            docs = parse_docs(tasks.document_text(s))
+            assert [docs[k][0] for k in range(n) if order[k] < 10] == [item["context"][order[k]][0]
+                                                                        for k in range(n) if order[k] < 10]
+    # num_samples: the file's first questions, as the release takes its first 128
     subset = tasks.load_hotpotqa(path, num_docs=30, num_samples=5, seed=1)
-    assert len(subset) == 5 and len({s.id for s in subset}) == 5
-    for s in subset:
-        assert tasks.document_text(s) == tasks.document_text(samples[int(s.id[1:])])
+    assert [s.id for s in subset] == ["q0", "q1", "q2", "q3", "q4"]
+    assert [tasks.document_text(s) for s in subset] == text(samples[:5])
+    assert len(tasks.load_hotpotqa(path, num_docs=30, num_samples=50)) == 12
 
 
 def test_hotpotqa_json_and_jsonl_agree(tmp_path):
