@@ -30,7 +30,7 @@ import torch
 from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
-from tasks import (FRAMES, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa, load_jsonl,
+from tasks import (FRAMES, SOURCED, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa, load_jsonl,
                    make_samples, parse_length, read_records, score)
 from tokenizer import load_tokenizer
 
@@ -38,7 +38,13 @@ DEFAULTS = dict(lengths="8k", samples=64, n=1, temperature=0.0, top_p=1.0, seed=
 # the release's RULER-HotpotQA evaluation (its lengths are documents: about 7K ... 3.5M tokens): its
 # final turn asks for "Therefore, the answer is ..." (--frame boxed asks for a box instead)
 PROTOCOLS = {"memagent": dict(lengths=",".join(str(50 * 2**i) for i in range(10)), samples=128, n=1,
-                              temperature=0.7, top_p=0.95, seed=0, frame="answer_is")}
+                              temperature=0.7, top_p=0.95, seed=0, frame="answer_is"),
+             # the release's RULER sweep: 128 questions a task at 8K ... 512K tokens, same sampling and frame
+             "ruler": dict(lengths="8k,16k,32k,64k,128k,256k,512k", samples=128, n=1, temperature=0.7, top_p=0.95,
+                           seed=0, frame="answer_is")}
+# the release's RULER tasks by their names here (the essay ones take the essay file: niah_single_2:FILE)
+RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+               "niah_multikey_3", "niah_multivalue_essay", "niah_multiquery_essay", "vt", "fwe")
 OPEN = ("lengths", "frame")  # the protocol flags a user may still set
 HEADER = (f"{'task':<16} {'length':>9} {'samples':>7} {'n':>3} {'acc':>6} {'95% CI':>13} {'tokens read':>11} "
           f"{'seconds':>8} {'tok/s':>8} {'errors':>6}")
@@ -56,8 +62,12 @@ def plan(tasks, lengths):
     cells = []
     for spec in tasks:
         kind, _, path = spec.partition(":")
-        if kind in TASKS and not path:
-            cells += [(kind, kind, None, n) for n in tokens]
+        if kind in TASKS and bool(path) == (kind in SOURCED):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"task {spec!r}: no such file {path!r}")
+            cells += [(kind, kind, path or None, n) for n in tokens]
+        elif kind in SOURCED:
+            raise ValueError(f"task {kind!r} reads its haystack from a text file: give it as {kind}:FILE")
         elif kind in ("hotpotqa", "jsonl") and path:
             if not os.path.isfile(path):
                 raise ValueError(f"task {spec!r}: no such file {path!r}")
@@ -90,7 +100,7 @@ def check_sweep(tasks, lengths, samples, n, tokenizer, seed, out=None, traces=No
     docs = {}  # hotpotqa file -> its document counts
     for name, kind, path, length in cells:
         if kind in TASKS:
-            check_length(kind, length, tokenizer, num=samples, seed=seed)
+            check_length(kind, length, tokenizer, num=samples, seed=seed, source=path)
         elif kind == "hotpotqa":
             docs.setdefault(path, []).append(length)
         elif kind == "jsonl":
@@ -106,7 +116,7 @@ def load_samples(kind, path, length, tokenizer, num, seed):
         return load_hotpotqa(path, length, num_samples=num, seed=seed)
     if kind == "jsonl":
         return load_jsonl(path)[:num]
-    return make_samples(kind, length, tokenizer, num, seed)
+    return make_samples(kind, length, tokenizer, num, seed, source=path)
 
 
 def wilson(mean, count, z=1.96):
@@ -411,7 +421,8 @@ def parser():
                             ("frame", str, f"how the final turn gives its answer, one of {', '.join(FRAMES)}")):
         p.add_argument("--" + key.replace("_", "-"), type=kind, choices=FRAMES if key == "frame" else None,
                        help=f"{text} (default {DEFAULTS[key]})")
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="a published evaluation's settings")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="a published evaluation's settings (ruler: "
+                   f"the release's RULER sweep, whose tasks are {','.join(RULER_TASKS)})")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--label", help="the run's name in plots and tables (default: the model's)")
@@ -436,7 +447,7 @@ def check_inputs(args):
     if not args.closed_book:
         cells = check_sweep(tasks, args.lengths.split(","), args.samples, args.n, tokenizer, args.seed,
                             args.out, args.traces)
-        if args.protocol and any(kind not in ("hotpotqa", "jsonl") for _, kind, _, _ in cells):
+        if args.protocol == "memagent" and any(kind not in ("hotpotqa", "jsonl") for _, kind, _, _ in cells):
             raise ValueError(f"--protocol {args.protocol} scores hotpotqa or jsonl questions with sub_em; "
                              f"the synthetic tasks have their own scorers")
         return agent, tokenizer, None

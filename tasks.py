@@ -19,6 +19,7 @@ import math
 import random
 import re
 import string
+import uuid
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -268,9 +269,95 @@ _DRAWS = dict(niah_single=partial(_niah, "niah_single"),
               vt=_vt, passkey=_passkey, two_hop=_two_hop)
 
 
-def needle_task(task, length, tokenizer, seed=0, index=0) -> Sample:
-    """Sample `index` of needle task `task` (any TASKS name but fwe), fitted to `length` tokens."""
-    return _needle_sample(task, length, tokenizer, seed, index, **_DRAWS[task](seed, index))
+# -----------------------------------------------------------------------------
+# RULER's needle tasks as the release evaluates them (its synthetic.yaml), with RULER's key and value
+# formats (words, 7-digit numbers, uuids) and haystacks: "noise" (the repeated sentences above, the
+# project's stand-in for RULER's repeated lines), "essay" (the sentences of a text file the user
+# gives, cycled when the document is longer; RULER uses Paul Graham's essays) and "needles" (other
+# keys' needles, as distractors). The needle and question wording is the project's. RULER's
+# niah_multivalue and niah_multiquery are the project's tasks of those names on an essay haystack,
+# here niah_multivalue_essay and niah_multiquery_essay.
+
+def _ruler_value(rng, kind):
+    if kind == "numbers":
+        return _numbers(rng, 1, 7)[0]
+    if kind == "uuids":
+        return str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "big"), version=4))
+    i = int(rng.integers(len(ADJECTIVES) * len(NOUNS)))
+    return f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}"
+
+
+def _essay_haystack(path) -> Callable[[], Iterator[str]]:
+    sentences = _essay_sentences(str(path))
+    spaced = [SEP + x for x in sentences]
+    return lambda: chain(sentences[:1], spaced[1:], cycle(spaced))
+
+
+@cache
+def _essay_sentences(path) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = " ".join(f.read().split())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the essay haystack ({e})") from e
+    sentences = [x for x in re.split(r"(?<=[.!?])\s+", text) if x]
+    if not sentences:
+        raise ValueError(f"{path}: the essay haystack holds no text")
+    return sentences
+
+
+def _needles_haystack(rng, key, value, asked) -> Callable[[], Iterator[str]]:
+    seed = int(rng.integers(2 ** 63))
+
+    def stream():
+        r = np.random.default_rng(seed)
+        first = True
+        while True:
+            k, v = _ruler_value(r, key), _ruler_value(r, value)
+            if k not in asked:
+                yield ("" if first else SEP) + f"One of the magic {value} for {k} is {v}."
+                first = False
+    return stream
+
+
+def _ruler_niah(task, seed, index, haystack, key="words", value="numbers", keys=1, values=1, asked=1,
+                essay=None) -> dict:
+    if haystack == "essay" and essay is None:
+        raise ValueError(f"{task} reads its haystack from a text file: give it as {task}:FILE")
+    rng = _rng(task, seed, index)
+    names = list(dict.fromkeys(_ruler_value(rng, key) for _ in range(4 * keys)))[:keys]
+    vals = [_ruler_value(rng, value) for _ in range(keys * values)]
+    needles = [f"One of the magic {value} for {names[i // values]} is {v}." for i, v in enumerate(vals)]
+    one = value[:-1]
+    question = (f"What are the magic {value} for {', '.join(names[:asked - 1])} and {names[asked - 1]}?"
+                if asked > 1 else f"What are all the magic {value} for {names[0]}?" if values > 1
+                else f"What is the magic {one} for {names[0]}?")
+    stack = (_noise_haystack(rng) if haystack == "noise" else _essay_haystack(essay) if haystack == "essay"
+             else _needles_haystack(rng, key, value, set(names)))
+    return dict(rng=rng, haystack=stack, needles=needles, relevant=[i // values < asked for i in range(len(vals))],
+                question=question, answers=vals[:asked * values])
+
+
+RULER_NIAH = dict(niah_single_1=dict(haystack="noise"),
+                  niah_single_2=dict(haystack="essay"),
+                  niah_single_3=dict(haystack="essay", value="uuids"),
+                  niah_multikey_1=dict(haystack="essay", keys=4),
+                  niah_multikey_2=dict(haystack="needles"),
+                  niah_multikey_3=dict(haystack="needles", key="uuids", value="uuids"),
+                  niah_multivalue_essay=dict(haystack="essay", values=4),
+                  niah_multiquery_essay=dict(haystack="essay", keys=4, asked=4))
+_DRAWS.update({name: partial(_ruler_niah, name, **kw) for name, kw in RULER_NIAH.items()})
+SOURCED = {name for name, kw in RULER_NIAH.items() if kw["haystack"] == "essay"}  # tasks that read a file
+
+
+def needle_task(task, length, tokenizer, seed=0, index=0, source=None) -> Sample:
+    """Sample `index` of needle task `task` (any TASKS name but fwe), fitted to `length` tokens;
+    `source`: the text file of a task in SOURCED."""
+    return _needle_sample(task, length, tokenizer, seed, index, **_draw(task, seed, index, source))
+
+
+def _draw(task, seed, index, source):
+    return _DRAWS[task](seed, index, essay=source) if task in SOURCED else _DRAWS[task](seed, index)
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +433,7 @@ def _check_positive(name, n):
         raise ValueError(f"{name} must be a positive integer, got {n!r}")
 
 
-def check_length(task: str, length, tokenizer, num: int = 1, seed: int = 0) -> int:
+def check_length(task: str, length, tokenizer, num: int = 1, seed: int = 0, source=None) -> int:
     """`length` in tokens if samples 0..num-1 of `task` fit in it, else a ValueError naming the
     task, the length and the minimum. Cheap: draws the needles, builds no document."""
     if task not in TASKS:
@@ -359,15 +446,18 @@ def check_length(task: str, length, tokenizer, num: int = 1, seed: int = 0) -> i
             _, _, sep_tokens, _, slack = _fwe_words(tokenizer, seed, i)
             minimum = max(minimum, _fwe_minimum(sep_tokens, slack))
         else:
-            draw = _DRAWS[task](seed, i)
+            draw = _draw(task, seed, i, source)
             minimum = max(minimum, _needle_minimum(count, draw["needles"], draw["haystack"]))
     if target < minimum:
         raise _too_short(task, target, minimum)
     return target
 
 
-def make_samples(task: str, length, tokenizer, num: int, seed: int = 0) -> list[Sample]:
-    check_length(task, length, tokenizer, num, seed)
+def make_samples(task: str, length, tokenizer, num: int, seed: int = 0, source=None) -> list[Sample]:
+    """`num` samples of a TASKS task fitted to `length`; `source`: the text file a SOURCED task reads."""
+    check_length(task, length, tokenizer, num, seed, source)
+    if task in SOURCED:
+        return [needle_task(task, length, tokenizer, seed, i, source) for i in range(num)]
     return [TASKS[task](length, tokenizer, seed, i) for i in range(num)]
 
 

@@ -281,6 +281,22 @@ def test_protocol_memagent_is_the_release_evaluation():
     assert (args.n, args.temperature, args.top_p, args.samples) == (2, 1.0, 0.7, None)  # the release's filter
 
 
+def test_protocol_ruler_and_essay_tasks(tmp_path):
+    args = ev.parser().parse_args(["--model", "m", "--protocol", "ruler"])
+    ev.resolve_protocol(ev.parser(), args)
+    assert args.lengths == "8k,16k,32k,64k,128k,256k,512k" and (args.samples, args.frame) == (128, "answer_is")
+    (tmp_path / "essay.txt").write_text("One sentence. Another one.")
+    cells = ev.plan([f"niah_single_2:{tmp_path / 'essay.txt'}", "niah_multikey_2"], ["1k"])
+    assert cells == [("niah_single_2", "niah_single_2", str(tmp_path / "essay.txt"), 1024),
+                     ("niah_multikey_2", "niah_multikey_2", None, 1024)]
+    for spec, match in (("niah_single_2", "reads its haystack from a text file"),
+                        (f"niah_single_2:{tmp_path / 'no.txt'}", "no such file"),
+                        (f"niah_single_1:{tmp_path / 'essay.txt'}", "unknown task")):
+        with pytest.raises(ValueError, match=match):
+            ev.plan([spec], ["1k"])
+    assert set(ev.RULER_TASKS) <= set(ev.TASKS)
+
+
 class SaysTheAnswerIs(Oracle):
     """Answers as the release's evaluation asks: "Therefore, the answer is ..." when the prompt asks for it."""
 

@@ -37,12 +37,28 @@ def true_tokens(sample, tok):
     return [t for piece in tasks.document_pieces(sample) for t in tok.encode(piece)]
 
 
+ESSAY_TEXT = ("Small towns grow slowly. A river ran past the mill for a century! Who built the bridge? "
+              "Nobody remembers now.\n\nThe market opened at dawn and closed at noon. ") * 3
+
+
 @pytest.fixture(scope="module")
-def spm():
+def essay(tmp_path_factory):
+    """The text file the essay-haystack tasks (tasks.SOURCED) read."""
+    path = tmp_path_factory.mktemp("essay") / "essay.txt"
+    path.write_text(ESSAY_TEXT)
+    return path
+
+
+def samples_of(task, length, tok, num, seed, essay):
+    return tasks.make_samples(task, length, tok, num, seed=seed, source=essay if task in tasks.SOURCED else None)
+
+
+@pytest.fixture(scope="module")
+def spm(essay):
     sentencepiece = pytest.importorskip("sentencepiece")
     lines = []
     for name in tasks.TASKS:
-        sample = tasks.make_samples(name, 2000, WordTokenizer(), 1, seed=7)[0]
+        sample = samples_of(name, 2000, WordTokenizer(), 1, 7, essay)[0]
         lines += tasks.document_text(sample).split(". ")
     model = io.BytesIO()
     # whitespace kept as written and a dummy prefix on every encode call: per-piece encoding
@@ -67,10 +83,10 @@ def test_parse_length():
 
 @pytest.mark.parametrize("task", list(tasks.TASKS))
 @pytest.mark.parametrize("tok", TOKENIZERS, ids=["words", "bytes"])
-def test_fit_is_exact_and_below_target(task, tok):
+def test_fit_is_exact_and_below_target(task, tok, essay):
     for length in ["1k", "8k", 20000]:
         target = parse_length(length)
-        sample = tasks.make_samples(task, length, tok, 2, seed=3)[1]
+        sample = samples_of(task, length, tok, 2, 3, essay)[1]
         pieces = list(tasks.document_pieces(sample))
         counts = [len(tok.encode(p)) for p in pieces]
         assert sum(counts) == sample.meta["doc_tokens"] <= target
@@ -85,9 +101,9 @@ def test_fit_is_exact_and_below_target(task, tok):
 
 
 @pytest.mark.parametrize("task", [t for t in tasks.TASKS if t != "fwe"])
-def test_needles_offsets_and_answers(task):
+def test_needles_offsets_and_answers(task, essay):
     tok = ByteTokenizer()
-    sample = tasks.make_samples(task, "4k", tok, 1, seed=11)[0]
+    sample = samples_of(task, "4k", tok, 1, 11, essay)[0]
     ids = true_tokens(sample, tok)
     relevant = [r for r in sample.meta["needles"] if r["relevant"]]
     for r in sample.meta["needles"]:
@@ -98,8 +114,9 @@ def test_needles_offsets_and_answers(task):
     for a in sample.answers:
         assert any(a in r["text"] for r in relevant)
         assert not any(a in r["text"] for r in sample.meta["needles"] if not r["relevant"])
-    n_needles, n_relevant = {"niah_multikey": (4, 1), "niah_multivalue": (4, 4),
-                             "niah_multiquery": (4, 4), "vt": (5, 5), "two_hop": (11, 5)}.get(task, (1, 1))
+    n_needles, n_relevant = {"niah_multikey": (4, 1), "niah_multivalue": (4, 4), "niah_multiquery": (4, 4),
+                             "niah_multikey_1": (4, 1), "niah_multivalue_essay": (4, 4),
+                             "niah_multiquery_essay": (4, 4), "vt": (5, 5), "two_hop": (11, 5)}.get(task, (1, 1))
     assert (len(sample.meta["needles"]), len(relevant)) == (n_needles, n_relevant)
     assert "boxed" not in sample.question and sample.question.endswith("?")
 
@@ -129,18 +146,18 @@ def test_task_details():
     assert all(len(a) == 7 for a in tasks.TASKS["niah_single"]("1k", tok).answers)
 
 
-def test_deterministic():
+def test_deterministic(essay):
     tok = WordTokenizer()
     for task in tasks.TASKS:
-        a, b = tasks.make_samples(task, "4k", tok, 3, seed=9), tasks.make_samples(task, "4k", tok, 3, seed=9)
+        a, b = samples_of(task, "4k", tok, 3, 9, essay), samples_of(task, "4k", tok, 3, 9, essay)
         for x, y in zip(a, b):
             assert (x.id, x.question, x.answers, x.meta) == (y.id, y.question, y.answers, y.meta)
             assert list(x.document()) == list(y.document()) == list(x.document())  # re-iterable
         assert len({x.question + str(x.answers) for x in a}) == 3
-        other = tasks.make_samples(task, "4k", tok, 1, seed=10)[0]
+        other = samples_of(task, "4k", tok, 1, 10, essay)[0]
         assert (other.question, other.answers) != (a[0].question, a[0].answers)
         # the same index asks the same question at every length
-        longer = tasks.make_samples(task, "16k", tok, 1, seed=9)[0]
+        longer = samples_of(task, "16k", tok, 1, 9, essay)[0]
         assert (longer.question, longer.answers) == (a[0].question, a[0].answers)
 
 
@@ -193,20 +210,24 @@ def test_too_short_and_unknown():
 
 @pytest.mark.parametrize("task", list(tasks.TASKS))
 @pytest.mark.parametrize("tok", TOKENIZERS, ids=["words", "bytes"])
-def test_check_length_minimum_is_exact(task, tok):
+def test_check_length_minimum_is_exact(task, tok, essay):
     # the minimum the error names is the smallest length at which the whole cell builds
+    source = essay if task in tasks.SOURCED else None
     with pytest.raises(ValueError, match=f"{task}: length 10 is too short") as e:
-        tasks.make_samples(task, 10, tok, 3, seed=2)
+        tasks.make_samples(task, 10, tok, 3, seed=2, source=source)
     minimum = int(str(e.value).split("at least ")[1].split()[0])
-    assert tasks.check_length(task, minimum, tok, 3, seed=2) == minimum
-    assert len(tasks.make_samples(task, minimum, tok, 3, seed=2)) == 3
+    assert tasks.check_length(task, minimum, tok, 3, seed=2, source=source) == minimum
+    assert len(tasks.make_samples(task, minimum, tok, 3, seed=2, source=source)) == 3
     with pytest.raises(ValueError, match=f"{task}: length {minimum - 1} is too short; .* at least {minimum} "):
-        tasks.check_length(task, minimum - 1, tok, 3, seed=2)
+        tasks.check_length(task, minimum - 1, tok, 3, seed=2, source=source)
     # one of the three samples is what needs the minimum: it fails alone one token below
     fails = 0
     for i in range(3):
         try:
-            tasks.TASKS[task](minimum - 1, tok, seed=2, index=i)
+            if task == "fwe":
+                tasks.fwe(minimum - 1, tok, seed=2, index=i)
+            else:
+                tasks.needle_task(task, minimum - 1, tok, 2, i, source)
         except ValueError:
             fails += 1
     assert fails >= 1
@@ -628,3 +649,55 @@ def test_score_uses_meta_scorer():
     assert tasks.score(s, "\\boxed{the beta}") == 1.0
     metrics = {"exact_match", "sub_em", "f1", "string_match_all", "string_match_part"}
     assert set(tasks.SCORERS) == metrics | {"answer_is_" + m for m in metrics} | {"boxed_em"}
+
+
+# -----------------------------------------------------------------------------
+# RULER's needle tasks as the release evaluates them
+
+UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+
+
+def essay_file(tmp_path):
+    path = tmp_path / "essay.txt"
+    path.write_text("The first essay sentence is here.  It goes on!\n\nDoes it end? Never quite.\n")
+    return path
+
+
+def test_ruler_key_and_value_formats(tmp_path):
+    tok, essay = WordTokenizer(), essay_file(tmp_path)
+    formats = dict(niah_single_1=("words", r"\d{7}"), niah_single_2=("words", r"\d{7}"),
+                   niah_single_3=("words", UUID), niah_multikey_3=(UUID, UUID))
+    for task, (key, value) in formats.items():
+        for s in tasks.make_samples(task, 2000, tok, 3, source=essay if task in tasks.SOURCED else None):
+            asked = re.fullmatch(r"What is the magic \w+ for (\S+)\?", s.question).group(1)
+            assert (re.fullmatch(r"[a-z]+-[a-z]+", asked) if key == "words" else re.fullmatch(key, asked))
+            assert len(s.answers) == 1 and re.fullmatch(value, s.answers[0])
+            assert s.meta["doc_tokens"] <= 2000 and s.answers[0] in tasks.document_text(s)
+            assert s.meta["scorer"] == "string_match_all"
+
+
+def test_ruler_essay_haystack_is_the_users_text_cycled(tmp_path):
+    essay = essay_file(tmp_path)
+    s = tasks.make_samples("niah_multivalue_essay", 300, WordTokenizer(), 1, source=essay)[0]
+    text = tasks.document_text(s)
+    for r in s.meta["needles"]:
+        text = text.replace(" " + r["text"], "")
+    sentences = ["The first essay sentence is here.", "It goes on!", "Does it end?", "Never quite."]
+    assert text.startswith(" ".join(sentences * 3)) and len(text.split()) > 250  # whitespace normalised, cycled
+    assert len(s.answers) == 4 and s.question.startswith("What are all the magic numbers for ")
+    multi = tasks.make_samples("niah_multiquery_essay", 300, WordTokenizer(), 1, source=essay)[0]
+    assert len(multi.answers) == 4 and multi.question.count("-") == 4
+    with pytest.raises(ValueError, match="niah_single_2 reads its haystack from a text file: give it as niah_single_2:FILE"):
+        tasks.make_samples("niah_single_2", 300, WordTokenizer(), 1)
+    with pytest.raises(ValueError, match="missing.txt: cannot read the essay haystack"):
+        tasks.make_samples("niah_single_2", 300, WordTokenizer(), 1, source=tmp_path / "missing.txt")
+
+
+def test_ruler_needle_haystack_is_other_keys_needles():
+    for task, value in (("niah_multikey_2", r"\d{7}"), ("niah_multikey_3", UUID)):
+        s = tasks.make_samples(task, 1500, WordTokenizer(), 1, seed=3)[0]
+        key = s.question.split(" for ")[1].rstrip("?")
+        sentences = re.findall(r"One of the magic \w+ for (\S+) is (\S+)\.", tasks.document_text(s))
+        assert len(sentences) > 50 and all(re.fullmatch(value, v) for _, v in sentences)
+        assert [v for k, v in sentences if k == key] == s.answers  # the asked key's needle alone
+        assert 1500 - 12 < s.meta["doc_tokens"] <= 1500  # fitted to the length like every task
