@@ -30,8 +30,8 @@ import torch
 from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
-from tasks import (FRAMES, SOURCED, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa, load_jsonl,
-                   make_samples, parse_length, read_records, score)
+from tasks import (FRAMES, RULER_QA, SOURCED, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa,
+                   load_jsonl, load_ruler_qa, make_samples, parse_length, read_records, score)
 from tokenizer import load_tokenizer
 
 DEFAULTS = dict(lengths="8k", samples=64, n=1, temperature=0.0, top_p=1.0, seed=0, frame="boxed")
@@ -42,9 +42,10 @@ PROTOCOLS = {"memagent": dict(lengths=",".join(str(50 * 2**i) for i in range(10)
              # the release's RULER sweep: 128 questions a task at 8K ... 512K tokens, same sampling and frame
              "ruler": dict(lengths="8k,16k,32k,64k,128k,256k,512k", samples=128, n=1, temperature=0.7, top_p=0.95,
                            seed=0, frame="answer_is")}
-# the release's RULER tasks by their names here (the essay ones take the essay file: niah_single_2:FILE)
+# the release's RULER tasks by their names here (the essay ones take the essay file, niah_single_2:FILE;
+# qa_1 SQuAD's dev file, qa_1:FILE)
 RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
-               "niah_multikey_3", "niah_multivalue_essay", "niah_multiquery_essay", "vt", "fwe")
+               "niah_multikey_3", "niah_multivalue_essay", "niah_multiquery_essay", "vt", "fwe", "qa_1")
 OPEN = ("lengths", "frame")  # the protocol flags a user may still set
 HEADER = (f"{'task':<16} {'length':>9} {'samples':>7} {'n':>3} {'acc':>6} {'95% CI':>13} {'tokens read':>11} "
           f"{'seconds':>8} {'tok/s':>8} {'errors':>6}")
@@ -68,6 +69,10 @@ def plan(tasks, lengths):
             cells += [(kind, kind, path or None, n) for n in tokens]
         elif kind in SOURCED:
             raise ValueError(f"task {kind!r} reads its haystack from a text file: give it as {kind}:FILE")
+        elif kind in RULER_QA and path:
+            if not os.path.isfile(path):
+                raise ValueError(f"task {spec!r}: no such file {path!r}")
+            cells += [(kind, kind, path, n) for n in tokens]
         elif kind in ("hotpotqa", "jsonl") and path:
             if not os.path.isfile(path):
                 raise ValueError(f"task {spec!r}: no such file {path!r}")
@@ -76,7 +81,8 @@ def plan(tasks, lengths):
             else:
                 cells.append((os.path.splitext(os.path.basename(path))[0], kind, path, None))
         else:
-            raise ValueError(f"unknown task {spec!r}: expected one of {', '.join(TASKS)}, hotpotqa:FILE or jsonl:FILE")
+            raise ValueError(f"unknown task {spec!r}: expected one of {', '.join(TASKS)}, hotpotqa:FILE, jsonl:FILE, "
+                             f"qa_1:SQUAD_FILE or qa_2:HOTPOTQA_FILE")
     return cells
 
 
@@ -105,6 +111,8 @@ def check_sweep(tasks, lengths, samples, n, tokenizer, seed, out=None, traces=No
             docs.setdefault(path, []).append(length)
         elif kind == "jsonl":
             load_jsonl(path)
+        elif kind in RULER_QA and length == min(n for _, k, p, n in cells if (k, p) == (kind, path)):
+            load_ruler_qa(kind, path, length, tokenizer, samples, seed)  # the shortest bounds the question's own
     for path, counts in docs.items():  # the fewest documents bound the gold paragraphs, the most the distractors
         for num_docs in {min(counts), max(counts)}:
             load_hotpotqa(path, num_docs, num_samples=samples, seed=seed)
@@ -116,6 +124,8 @@ def load_samples(kind, path, length, tokenizer, num, seed):
         return load_hotpotqa(path, length, num_samples=num, seed=seed)
     if kind == "jsonl":
         return load_jsonl(path)[:num]
+    if kind in RULER_QA:
+        return load_ruler_qa(kind, path, length, tokenizer, num, seed)
     return make_samples(kind, length, tokenizer, num, seed, source=path)
 
 

@@ -482,8 +482,8 @@ def ideal_memory_trace(sample: Sample, chunk_tokens: int) -> list[list[str]]:
 # HotpotQA (the MemAgent release's RULER-HotpotQA construction) and JSONL files
 
 def read_records(path) -> list:
-    """The items of a JSON list (the official HotpotQA file) or of a JSONL file (a filtered copy: one
-    item per line, blank lines skipped), in order."""
+    """The items of a JSON list (the official HotpotQA file), a JSON object as one item (SQuAD's
+    file), or a JSONL file (a filtered copy: one item per line, blank lines skipped), in order."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
@@ -494,6 +494,12 @@ def read_records(path) -> list:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: malformed JSON ({e})") from e
+    try:
+        whole = json.loads(text)
+        if isinstance(whole, dict):
+            return [whole]
+    except json.JSONDecodeError:
+        pass  # JSONL: one item per line
     items = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -589,6 +595,90 @@ def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context, slots)
     meta = dict(task="hotpotqa", length=num_docs, num_docs=num_docs, scorer="sub_em", context=context,
                 gold_titles=gold_titles, supporting=supporting, seed=seed, index=i)
     return Sample(item["_id"], item["question"], pieces, [item["answer"]], meta)
+
+
+# -----------------------------------------------------------------------------
+# RULER's qa_1 (SQuAD) and qa_2 (HotpotQA) as the release evaluates them: a question's own
+# paragraphs (SQuAD: the one it was asked on; HotpotQA: all of its context), then for SQuAD the other
+# paragraphs of its article, then other paragraphs of the file, as many as fit the token length;
+# placed by RULER's fixed shuffle of the slots (random.Random(42)), formatted like the HotpotQA
+# builder's. Scored by sub_em (answer_is_sub_em in the release's frame: its first gold answer).
+
+RULER_QA = {"qa_1": "SQuAD", "qa_2": "HotpotQA"}
+
+
+def _squad_questions(path, items):
+    """-> ([(question, answers, own paragraphs, same-article paragraphs)], unique paragraphs, sorted)."""
+    if len(items) != 1 or not isinstance(items[0].get("data"), list):
+        raise ValueError(f"{path}: expected SQuAD's layout, an object with a 'data' list of articles")
+    try:
+        articles = [[p["context"] for p in a["paragraphs"]] for a in items[0]["data"]]
+        docs = sorted({c for paragraphs in articles for c in paragraphs})
+        where = {c: j for j, c in enumerate(docs)}
+        questions = []
+        for article in items[0]["data"]:
+            same = [where[p["context"]] for p in article["paragraphs"]]
+            for p in article["paragraphs"]:
+                for qa in p["qas"]:
+                    if not qa.get("is_impossible", False):
+                        questions.append((qa["question"], [a["text"] for a in qa["answers"]], [where[p["context"]]],
+                                          [j for j in same if j != where[p["context"]]]))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not SQuAD's layout ({type(e).__name__}: {e})") from None
+    return questions, docs
+
+
+def _hotpot_questions(path, items):
+    docs, own = set(), []
+    for i, item in enumerate(items):
+        _check_hotpot_item(path, i, item)
+        own.append([f"{title}\n{''.join(sentences)}" for title, sentences in item["context"]])
+        docs.update(own[-1])
+    docs = sorted(docs)
+    where = {d: j for j, d in enumerate(docs)}
+    return [(item["question"], [item["answer"]], list(dict.fromkeys(where[d] for d in paragraphs)), [])
+            for item, paragraphs in zip(items, own)], docs
+
+
+def load_ruler_qa(task, path, length, tokenizer, num, seed=0) -> list[Sample]:
+    """The first `num` answerable questions of a SQuAD (qa_1) or HotpotQA (qa_2) file, each over as many
+    documents as fit `length` tokens (see RULER_QA above)."""
+    if task not in RULER_QA:
+        raise ValueError(f"unknown RULER QA task {task!r}; known: {', '.join(RULER_QA)}")
+    _check_positive("num", num)
+    target, items = parse_length(length), read_records(path)
+    questions, docs = (_squad_questions if task == "qa_1" else _hotpot_questions)(path, items)
+    if not questions:
+        raise ValueError(f"{path}: no answerable {RULER_QA[task]} question")
+    count = _token_counter(tokenizer)
+    return [_qa_sample(task, i, questions[i], docs, target, count, seed) for i in range(min(num, len(questions)))]
+
+
+def _qa_sample(task, i, q, docs, target, count, seed) -> Sample:
+    question, answers, own, more = q
+    rng = np.random.default_rng([zlib.crc32(task.encode()), seed, i])
+    taken = set(own) | set(more)
+    order = own + [more[j] for j in rng.permutation(len(more))]
+    order += [j for j in rng.permutation(len(docs)).tolist()[:target] if j not in taken]  # a doc is >= 1 token
+
+    def pieces(n):
+        slots = list(range(n))
+        random.Random(42).shuffle(slots)
+        return [("\n\n" if k else "") + f"Document {k + 1}:\n{docs[order[j]]}" for k, j in enumerate(slots)]
+
+    unshuffled = lambda k: count(f"\n\nDocument {k + 1}:\n{docs[order[k]]}")  # noqa: E731
+    n, total = len(own), sum(map(unshuffled, range(len(own))))
+    while n < len(order) and total + unshuffled(n) <= target:
+        total += unshuffled(n)
+        n += 1
+    while n >= len(own) and sum(map(count, pieces(n))) > target:  # the estimate numbered them unshuffled
+        n -= 1
+    if n < len(own):
+        raise _too_short(task, target, sum(map(count, pieces(len(own)))))
+    doc = pieces(n)
+    meta = dict(task=task, length=target, scorer="sub_em", doc_tokens=sum(map(count, doc)), num_docs=n,
+                seed=seed, index=i)
+    return Sample(f"{task}-{target}-{seed}-{i}", question, lambda: iter(doc), answers, meta)
 
 
 def load_jsonl(path, scorer: str = "sub_em") -> list[Sample]:

@@ -294,7 +294,18 @@ def test_protocol_ruler_and_essay_tasks(tmp_path):
                         (f"niah_single_1:{tmp_path / 'essay.txt'}", "unknown task")):
         with pytest.raises(ValueError, match=match):
             ev.plan([spec], ["1k"])
-    assert set(ev.RULER_TASKS) <= set(ev.TASKS)
+    assert set(ev.RULER_TASKS) <= set(ev.TASKS) | set(ev.RULER_QA)
+
+
+def test_ruler_qa_cells_run_and_score(tmp_path):
+    from test_tasks import squad_file
+    path = squad_file(tmp_path, articles=2, paragraphs=2)
+    assert ev.plan([f"qa_1:{path}"], ["300", "1k"]) == [("qa_1", "qa_1", str(path), 300), ("qa_1", "qa_1", str(path), 1024)]
+    known = {"What colour is item 01?": "Blue"}
+    res = ev.evaluate(None, TOK, [f"qa_1:{path}"], ["300"], 4, ORACLE_AGENT, engine=SaysTheAnswerIs(known),
+                      frame="answer_is")
+    assert [p["score"] for p in res["predictions"]] == [0.0, 1.0, 0.0, 0.0]
+    assert res["results"][0]["doc_tokens"] <= 300 and res["results"][0]["task"] == "qa_1"
 
 
 class SaysTheAnswerIs(Oracle):

@@ -701,3 +701,48 @@ def test_ruler_needle_haystack_is_other_keys_needles():
         assert len(sentences) > 50 and all(re.fullmatch(value, v) for _, v in sentences)
         assert [v for k, v in sentences if k == key] == s.answers  # the asked key's needle alone
         assert 1500 - 12 < s.meta["doc_tokens"] <= 1500  # fitted to the length like every task
+
+
+def squad_file(tmp_path, articles=3, paragraphs=4):
+    """SQuAD v2's layout: articles of paragraphs, each with questions (one unanswerable)."""
+    data = [{"title": f"A{a}", "paragraphs": [
+        {"context": f"Paragraph {p} of article {a} says item {a}{p} is blue.",
+         "qas": [{"question": f"What colour is item {a}{p}?", "answers": [{"text": "blue"}, {"text": "Blue"}],
+                  "is_impossible": False},
+                 {"question": "Unanswerable?", "answers": [], "is_impossible": True}]}
+        for p in range(paragraphs)]} for a in range(articles)]
+    return write(tmp_path / "squad.json", {"version": "v2.0", "data": data})
+
+
+def test_ruler_qa_1_squad(tmp_path):
+    tok, path = WordTokenizer(), squad_file(tmp_path)
+    samples = tasks.load_ruler_qa("qa_1", path, 60, tok, 20)
+    assert len(samples) == 12  # the answerable questions, in file order
+    order = list(range(samples[0].meta["num_docs"]))
+    random.Random(42).shuffle(order)
+    for s in samples:
+        text = tasks.document_text(s)
+        docs = [d.split("\n", 1)[1] for d in text.split("\n\n")]
+        assert s.meta["doc_tokens"] == len(tok.encode(text)) <= 60 and s.answers == ["blue", "Blue"]
+        a, p = s.question.split("item ")[1].rstrip("?")
+        own = f"Paragraph {p} of article {a} says item {a}{p} is blue."
+        assert docs.count(own) == 1 and len(set(docs)) == len(docs) == s.meta["num_docs"]
+        article = [d for d in docs if f"of article {a} " in d]
+        assert len(article) == 4  # the other paragraphs of its article come before other articles'
+        assert docs.index(own) == order.index(0)  # RULER's fixed shuffle puts its own paragraph there
+        assert s.meta["scorer"] == "sub_em"
+    with pytest.raises(ValueError, match="qa_1: length 5 is too short"):
+        tasks.load_ruler_qa("qa_1", path, 5, tok, 1)
+    with pytest.raises(ValueError, match="expected SQuAD's layout"):
+        tasks.load_ruler_qa("qa_1", write(tmp_path / "hp.json", hotpot_items(2)), 60, tok, 1)
+
+
+def test_ruler_qa_2_hotpotqa(tmp_path):
+    tok, items = WordTokenizer(), hotpot_items(4)
+    for path in (write(tmp_path / "hp.json", items), write_jsonl(tmp_path / "hp.jsonl", items)):
+        samples = tasks.load_ruler_qa("qa_2", path, 400, tok, 2)
+        for s, item in zip(samples, items):
+            text = tasks.document_text(s)
+            for title, sentences in item["context"]:
+                assert f":\n{title}\n{''.join(sentences)}" in text  # every own paragraph, as title and text
+            assert s.answers == [item["answer"]] and 10 < s.meta["num_docs"] and s.meta["doc_tokens"] <= 400
