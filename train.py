@@ -72,7 +72,9 @@ class RLConfig:
     reward: str = "boxed_em"  # boxed_em (the release's, tasks.boxed_em) | sample (the sample's own scorer)
     overlong_buffer: int = 0  # > 0: DAPO's soft penalty on final answers near answer_tokens
     dynamic_sampling: bool = True
-    max_rounds: int = 3  # generation rounds per step; then it trains on the informative groups it has
+    max_rounds: int = 3  # generation rounds per step; then out_of_rounds decides
+    out_of_rounds: str = "train"  # train (on the informative groups it has) | error (verl's DAPO recipe)
+    filter_by: str = "reward"  # dynamic sampling keeps groups whose reward (shaped) | accuracy (unshaped) differs
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     shuffle_mini_batches: bool = True  # a seeded permutation of the rows, or contiguous slices in turn order
@@ -210,6 +212,8 @@ RULES += [
     ("dtype", lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
     ("rl.loss_agg", lambda v: v in dapo.AGGS, f"one of {dapo.AGGS}"),
     ("rl.reward", lambda v: v in ("boxed_em", "sample"), "boxed_em or sample"),
+    ("rl.out_of_rounds", lambda v: v in ("train", "error"), "train or error"),
+    ("rl.filter_by", lambda v: v in ("reward", "accuracy"), "reward or accuracy"),
     ("rl.kl_estimator", lambda v: v in dapo.KL_ESTIMATORS, f"one of {dapo.KL_ESTIMATORS}"),
 ]
 
@@ -927,7 +931,12 @@ class Trainer:
                 questions = self.next_questions(want)
                 trajs = agent.run([s for _, s in questions], n=cfg.rl.n, params=params)
                 groups = [trajs[j * cfg.rl.n:(j + 1) * cfg.rl.n] for j in range(len(questions))]
-                return [((i, s, g), shaped_rewards(cfg, self.reward_fn, s, g)) for (i, s), g in zip(questions, groups)]
+                out = []  # ((index, sample, trajectories, rewards), what dynamic sampling judges)
+                for (i, s), g in zip(questions, groups):
+                    rewards = shaped_rewards(cfg, self.reward_fn, s, g)
+                    judged = rewards if cfg.rl.filter_by == "reward" else [float(self.reward_fn(s, t)) for t in g]
+                    out.append(((i, s, g, rewards), judged))
+                return out
 
             count = lambda kept: all_sum({"kept": len(kept)}, self.device)["kept"]
             kept, seen, rounds = dapo.sample_groups(generate, want, cfg.rl.max_rounds, cfg.rl.dynamic_sampling,
@@ -935,15 +944,18 @@ class Trainer:
             stats = dict(prefill_tokens=engine.stats["prefill_tokens"], prefix_cache_tokens=engine.blocks.cache_hits)
         # keep the `want` kept groups of the earliest questions of the run, whichever rank holds them:
         # every rank agrees on the batch, and no rank's share (its tasks, its lengths) is cut first
-        mine = [i for (i, _, _), _ in kept]
+        mine = [i for (i, _, _, _), _ in kept]
         every = [mine] if not dist.is_initialized() else [None] * self.world
         if dist.is_initialized():
             dist.all_gather_object(every, mine)
         chosen = set(sorted(i for ids in every for i in ids)[:want])
         total, kept = sum(map(len, every)), [grp for grp in kept if grp[0][0] in chosen]
+        if cfg.rl.dynamic_sampling and cfg.rl.out_of_rounds == "error" and total < want:  # every rank alike
+            raise RuntimeError(f"{rounds} generation rounds (rl.max_rounds) gave {total} informative groups of "
+                               f"the {want} a step needs; stopping, as rl.out_of_rounds=error asks")
         stats.update(kept_groups=len(chosen), rounds=rounds, rollout_s=time.perf_counter() - t0,
                      dropped_groups=all_sum({"d": len(seen) - len(kept)}, self.device)["d"] - (total - len(chosen)))
-        as_triples = lambda groups: [(s, g, r) for (_, s, g), r in groups]
+        as_triples = lambda groups: [(s, g, r) for (_, s, g, r), _ in groups]
         return as_triples(kept), as_triples(seen), stats
 
     def rl_step(self):

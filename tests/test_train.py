@@ -243,7 +243,7 @@ def test_two_processes_rl_fsdp_and_export(tmp_path, tokenizer_path):
     assert model.config.vocab_size == 512 and load_tokenizer(out).vocab_size == 512
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-sft", "release-7b", "release-14b", "dapo-7b"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-sft", "release-7b", "release-14b", "dapo-7b", "dapo-recipe-7b"])
 def test_shipped_configs_parse(name):
     parse_config(["--config", os.path.join(ROOT, "configs", f"{name}.json"), "--model=micro"])
 
@@ -259,6 +259,19 @@ def test_release_configs_make_the_releases_choices(name):
     assert (default.data.max_questions, default.data.max_chunks, default.rl.shuffle_mini_batches,
             default.optim.warmup_from_zero, default.optim.decay_all, default.agent.keep_empty_memory) == (
         0, 0, True, False, False, False)
+
+
+def test_dapo_recipe_config_is_verls_dapo_recipe():
+    """verl's DAPO recipe (recipe/dapo), value by value, on the release's MemAgent data and agent."""
+    cfg = parse_config(["--config", os.path.join(ROOT, "configs", "dapo-recipe-7b.json"), "--model=micro"])
+    rl, o = cfg.rl, cfg.optim
+    assert (rl.clip_low, rl.clip_high, rl.clip_c, rl.loss_agg, rl.norm_by_std, rl.kl_coef) == (
+        0.2, 0.28, 10.0, "token-mean", True, 0.0)
+    assert (rl.dynamic_sampling, rl.filter_by, rl.max_rounds, rl.out_of_rounds) == (True, "accuracy", 10, "error")
+    assert rl.overlong_buffer == 1024 * 4096 // 20480  # the recipe's 4K of 20K, of this agent's 1K answer
+    assert (o.lr, o.warmup_steps, o.weight_decay, o.grad_clip, o.warmup_from_zero, o.decay_all) == (
+        1e-6, 10, 0.1, 1.0, True, True)
+    assert (rl.n, rl.mini_batches, rl.temperature, rl.top_p, cfg.eval.n, cfg.eval.top_p) == (16, 16, 1.0, 1.0, 1, 0.7)
 
 
 def test_readme_recipe_table_matches_the_configs():
@@ -388,6 +401,20 @@ def test_dynamic_sampling_out_of_rounds_trains_on_what_it_has(tmp_path, tokenize
     assert (m["rounds"], m["kept_groups"], m["dropped_groups"]) == (2, 0, 4)  # 2 rounds x 2 questions
     assert t.position == 4 and "loss" not in m  # no update: nothing informative to learn from
     assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
+def test_dynamic_sampling_as_verls_dapo_recipe(tmp_path, tokenizer_path):
+    # out of rounds short of informative groups: an error, not a smaller step
+    t = Trainer(config(tmp_path / "a", tokenizer_path, "--rl.max_rounds=2", "--rl.out_of_rounds=error"),
+                reward_fn=never_informative)
+    with pytest.raises(RuntimeError, match="2 generation rounds .* gave 0 informative groups of the 2"):
+        t.rl_step()
+    # filtered by accuracy: groups whose only spread is the overlong penalty are dropped
+    args = ["--rl.overlong_buffer=8", "--rl.max_rounds=1", "--rl.n=4"]
+    shaped = Trainer(config(tmp_path / "b", tokenizer_path, *args), reward_fn=never_informative).rl_step()
+    unshaped = Trainer(config(tmp_path / "c", tokenizer_path, *args, "--rl.filter_by=accuracy"),
+                       reward_fn=never_informative).rl_step()
+    assert shaped["kept_groups"] > 0 and unshaped["kept_groups"] == 0
 
 
 def test_kl_and_overlong_terms_as_training_applies_them(tmp_path, tokenizer_path):
