@@ -2,21 +2,25 @@
 
     python eval.py --model checkpoints/tiny --tasks niah_single,vt --lengths 1k,64k --out tiny.json
     python eval.py --model out/memagent-7b --tasks hotpotqa:hotpot_dev.json --protocol memagent --out 7b.json
+    python eval.py --model out/memagent-7b --tasks niah_single_2:essays.txt,qa_1:squad_dev.json --protocol ruler
     python eval.py --from tiny.json qwen7b.json --plot overlay.png --markdown   # nothing is run
-    python eval.py --model Qwen2.5-7B-Instruct --tasks hotpotqa:hotpot_train.json --closed-book hard.jsonl
+    python eval.py --model Qwen2.5-7B-Instruct --tasks hotpotqa:hotpot_dev.json --closed-book hard.jsonl --samples 200
 
 The agent's budgets and template come from the checkpoint's agent.json (flags override them). Each
 task x length cell rolls --samples questions out --n times (greedy by default) and reports the mean
-score (the task's scorer on the last \\boxed{}) with its 95% Wilson interval, document tokens read,
-wall time and tokens read per second; a failing rollout scores 0, keeps its error, and the run goes
-on. Lengths are tokens of the model's tokenizer ("8k", "3.5m") for tasks.TASKS; for hotpotqa:FILE a
-plain number is a document count and k/m converts at the paper's 200 documents per 28K tokens; a
-jsonl:FILE task is the file's lines. --protocol memagent is the release's RULER-HotpotQA evaluation
-(temperature 0.7, top_p 0.95, the same seeded 128 questions at 50 ... 25600 documents, sub_em).
---mode direct puts the whole document in one prompt, cut in the middle to fit the window (the
-paper's baselines). --closed-book OUT.jsonl writes the records of a hotpotqa or jsonl file whose
-question the model cannot answer without the document, as the input held them. Every input is
-checked before the first cell, and --out is rewritten after each cell ("complete": false until the end).
+score (the task's scorer on the final answer: on its last \\boxed{}, or with --frame answer_is on the
+text after "the answer is") with its 95% Wilson interval, document tokens read, wall time and
+tokens read per second; a failing rollout scores 0, keeps its error, and the run goes on. Lengths
+are tokens of the model's tokenizer ("8k", "3.5m") for tasks.TASKS and qa_1/qa_2; for
+hotpotqa:FILE a plain number is a document count and k/m converts at the paper's 200 documents
+per 28K tokens; a jsonl:FILE task is the file's lines. --protocol memagent is the release's
+RULER-HotpotQA evaluation (temperature 0.7, top_p 0.95, the file's first 128 questions at 50 ...
+25600 documents, the answer-is frame and its sub_em); --protocol ruler its RULER sweep (8K ... 512K
+tokens). --mode direct puts the whole document in one prompt, cut in the middle to fit the window
+(the paper's baselines). --closed-book OUT.jsonl writes the records of a hotpotqa or jsonl file
+(its first --samples) whose question the model cannot answer without the document, as the input
+held them, by the release's rule (see CLOSED_BOOK). Every input is checked before the first cell,
+and --out is rewritten after each cell ("complete": false until the end).
 """
 import argparse
 import json

@@ -827,7 +827,8 @@ def boxed_em(text, answers) -> float:
     boxed = _release_box(text[-300:].lower())
     if boxed is None:
         return 0.0
-    return float(any(_math_string(boxed) == _math_string(a.lower()) for a in answers))
+    golds = [answers] if isinstance(answers, str) else answers  # one gold answer given bare
+    return float(any(_math_string(boxed) == _math_string(a.lower()) for a in golds))
 
 
 # -----------------------------------------------------------------------------
@@ -862,7 +863,7 @@ def answer_is_sub_em(text, answers) -> float:
     pred = extract_answer_is(text)
     if not pred or not answers:
         return 0.0
-    pred, gold = normalize_answer(pred), normalize_answer(answers[0])
+    pred, gold = normalize_answer(pred), normalize_answer(answers if isinstance(answers, str) else answers[0])
     return float(gold in pred or pred in gold)
 
 

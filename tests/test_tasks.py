@@ -596,6 +596,7 @@ def test_boxed_em_is_the_release_reward():
     assert tasks.boxed_em("\\boxed{Paris}" + " " * 300, golds) == 0.0  # outside the last 300 characters
     assert tasks.boxed_em("x" * 1000 + "\\boxed{Paris}", golds) == 1.0
     assert tasks.boxed_em("\\boxed{Rome}", ["Paris", "Rome"]) == 1.0  # any gold
+    assert tasks.boxed_em("\\boxed{Rome}", "Rome") == 1.0 and tasks.boxed_em("\\boxed{R}", "Rome") == 0.0  # one, bare
     assert tasks.boxed_em("\\boxed{{Paris}}", golds) == 0.0  # braces are kept
     # "\\boxed " (a space) takes the text after it up to a dollar sign, anywhere in the answer
     assert tasks.boxed_em("$\\boxed Paris$ is it", golds) == 1.0
@@ -615,6 +616,7 @@ def test_answer_is_sub_em_is_the_release_evaluation():
     assert score("Therefore, the answer is **Beatles**", golds) == 1.0  # asterisks go; prediction in gold
     assert score("the answer is Ringo and the Beatles", golds) == 1.0  # gold in prediction
     assert score("the answer is Queen", golds) == 0.0  # the first gold answer only
+    assert score("the answer is Queen", "Queen") == 1.0  # one gold answer, given bare
     assert score("The Beatles", golds) == 0.0 and score(None, golds) == 0.0  # nothing extracted
     assert score("The answer is The Beatles", golds) == 0.0  # the phrase as written, in lower case
     assert score("the answer is .", golds) == 0.0  # empty once the periods go
