@@ -300,7 +300,8 @@ def test_protocol_ruler_and_essay_tasks(tmp_path):
 def test_ruler_qa_cells_run_and_score(tmp_path):
     from test_tasks import squad_file
     path = squad_file(tmp_path, articles=2, paragraphs=2)
-    assert ev.plan([f"qa_1:{path}"], ["300", "1k"]) == [("qa_1", "qa_1", str(path), 300), ("qa_1", "qa_1", str(path), 1024)]
+    assert ev.plan([f"qa_1:{path}"], ["300", "1k"]) == [("qa_1", "qa_1", str(path), 300),
+                                                        ("qa_1", "qa_1", str(path), 1024)]
     known = {"What colour is item 01?": "Blue"}
     res = ev.evaluate(None, TOK, [f"qa_1:{path}"], ["300"], 4, ORACLE_AGENT, engine=SaysTheAnswerIs(known),
                       frame="answer_is")

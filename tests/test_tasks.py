@@ -604,8 +604,10 @@ def test_boxed_em_is_the_release_reward():
     # the math-string rules: \\left, \\right, \\!, \\$, \\%, tfrac, a bare decimal point, line breaks
     assert tasks.boxed_em("\\boxed{\\left(1,2\\right)}", ["(1, 2)"]) == 1.0
     assert tasks.boxed_em("\\boxed{50\\%}", ["50"]) == 1.0 and tasks.boxed_em("\\boxed{50%}", ["50"]) == 0.0
-    assert tasks.boxed_em("\\boxed{\\$5}", ["5"]) == 1.0 and tasks.boxed_em("\\boxed{\\tfrac{1}{2}}", ["\\frac{1}{2}"]) == 1.0
-    assert tasks.boxed_em("\\boxed{x = .5}", ["x=0.5"]) == 1.0 and tasks.boxed_em("\\boxed{new\nyork}", ["newyork"]) == 1.0
+    assert tasks.boxed_em("\\boxed{\\$5}", ["5"]) == 1.0
+    assert tasks.boxed_em("\\boxed{\\tfrac{1}{2}}", ["\\frac{1}{2}"]) == 1.0
+    assert tasks.boxed_em("\\boxed{x = .5}", ["x=0.5"]) == 1.0
+    assert tasks.boxed_em("\\boxed{new\nyork}", ["newyork"]) == 1.0
     assert tasks.boxed_em("\\boxed{90^\\circ}", ["90"]) == 1.0 and tasks.boxed_em("\\boxed{a\\!b}", ["ab"]) == 1.0
 
 
@@ -689,7 +691,8 @@ def test_ruler_essay_haystack_is_the_users_text_cycled(tmp_path):
     assert len(s.answers) == 4 and s.question.startswith("What are all the magic numbers for ")
     multi = tasks.make_samples("niah_multiquery_essay", 300, WordTokenizer(), 1, source=essay)[0]
     assert len(multi.answers) == 4 and multi.question.count("-") == 4
-    with pytest.raises(ValueError, match="niah_single_2 reads its haystack from a text file: give it as niah_single_2:FILE"):
+    with pytest.raises(ValueError, match="niah_single_2 reads its haystack from a text file: give it as "
+                                         "niah_single_2:FILE"):
         tasks.make_samples("niah_single_2", 300, WordTokenizer(), 1)
     with pytest.raises(ValueError, match="missing.txt: cannot read the essay haystack"):
         tasks.make_samples("niah_single_2", 300, WordTokenizer(), 1, source=tmp_path / "missing.txt")
