@@ -1,5 +1,7 @@
-"""Data for the memory agent: RULER-style synthetic tasks fitted to a token length, the
-RULER-HotpotQA multi-document builder, a JSONL loader, and the scorers.
+"""Data for the memory agent: RULER-style synthetic tasks fitted to a token length (the project's,
+and RULER's as the MemAgent release evaluates them, qa_1 and qa_2 included), the RULER-HotpotQA
+multi-document builder, a JSONL loader, and the scorers (the release's training reward and
+evaluation frame among them).
 
 A Sample's document is a str or a zero-argument callable returning a fresh iterator of text pieces,
 so a 3.5M-token document is never one string. Each piece carries its separator in front (" sentence",
