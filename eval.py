@@ -2,21 +2,25 @@
 
     python eval.py --model checkpoints/tiny --tasks niah_single,vt --lengths 1k,64k --out tiny.json
     python eval.py --model out/memagent-7b --tasks hotpotqa:hotpot_dev.json --protocol memagent --out 7b.json
+    python eval.py --model out/memagent-7b --tasks niah_single_2:essays.txt,qa_1:squad_dev.json --protocol ruler
     python eval.py --from tiny.json qwen7b.json --plot overlay.png --markdown   # nothing is run
-    python eval.py --model Qwen2.5-7B-Instruct --tasks hotpotqa:hotpot_train.json --closed-book hard.jsonl
+    python eval.py --model Qwen2.5-7B-Instruct --tasks hotpotqa:hotpot_dev.json --closed-book hard.jsonl --samples 200
 
 The agent's budgets and template come from the checkpoint's agent.json (flags override them). Each
 task x length cell rolls --samples questions out --n times (greedy by default) and reports the mean
-score (the task's scorer on the last \\boxed{}) with its 95% Wilson interval, document tokens read,
-wall time and tokens read per second; a failing rollout scores 0, keeps its error, and the run goes
-on. Lengths are tokens of the model's tokenizer ("8k", "3.5m") for tasks.TASKS; for hotpotqa:FILE a
-plain number is a document count and k/m converts at the paper's 200 documents per 28K tokens; a
-jsonl:FILE task is the file's lines. --protocol memagent is the release's RULER-HotpotQA evaluation
-(temperature 0.7, top_p 0.95, the same seeded 128 questions at 50 ... 25600 documents, sub_em).
---mode direct puts the whole document in one prompt, cut in the middle to fit the window (the
-paper's baselines). --closed-book OUT.jsonl writes the records of a hotpotqa or jsonl file whose
-question the model cannot answer without the document, as the input held them. Every input is
-checked before the first cell, and --out is rewritten after each cell ("complete": false until the end).
+score (the task's scorer on the final answer: on its last \\boxed{}, or with --frame answer_is on the
+text after "the answer is") with its 95% Wilson interval, document tokens read, wall time and
+tokens read per second; a failing rollout scores 0, keeps its error, and the run goes on. Lengths
+are tokens of the model's tokenizer ("8k", "3.5m") for tasks.TASKS and qa_1/qa_2; for
+hotpotqa:FILE a plain number is a document count and k/m converts at the paper's 200 documents
+per 28K tokens; a jsonl:FILE task is the file's lines. --protocol memagent is the release's
+RULER-HotpotQA evaluation (temperature 0.7, top_p 0.95, the file's first 128 questions at 50 ...
+25600 documents, the answer-is frame and its sub_em); --protocol ruler its RULER sweep (8K ... 512K
+tokens). --mode direct puts the whole document in one prompt, cut in the middle to fit the window
+(the paper's baselines). --closed-book OUT.jsonl writes the records of a hotpotqa or jsonl file
+(its first --samples) whose question the model cannot answer without the document, as the input
+held them, by the release's rule (see CLOSED_BOOK). Every input is checked before the first cell,
+and --out is rewritten after each cell ("complete": false until the end).
 """
 import argparse
 import io
@@ -29,19 +33,28 @@ from dataclasses import replace
 import torch
 
 import trace_page
-from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens, extract_boxed
+from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_outputs import Outputs, write_file
 from settings import EvalConfig, SettingError, as_dict
-from tasks import (TASKS, Sample, check_length, load_hotpotqa, load_jsonl, make_samples, parse_length, read_records,
-                   score)
+from tasks import (FRAMES, RULER_QA, SOURCED, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa,
+                   load_jsonl, load_ruler_qa, make_samples, parse_length, read_records, score)
 from tokenizer import load_tokenizer
 
-DEFAULTS = dict(lengths="8k", samples=64, n=1, temperature=0.0, top_p=1.0, seed=0)
-# the release's RULER-HotpotQA evaluation (its lengths are documents: about 7K ... 3.5M tokens)
+DEFAULTS = dict(lengths="8k", samples=64, n=1, temperature=0.0, top_p=1.0, seed=0, frame="boxed")
+# the release's RULER-HotpotQA evaluation (its lengths are documents: about 7K ... 3.5M tokens): its
+# final turn asks for "Therefore, the answer is ..." (--frame boxed asks for a box instead)
 PROTOCOLS = {"memagent": dict(lengths=",".join(str(50 * 2**i) for i in range(10)), samples=128, n=1,
-                              temperature=0.7, top_p=0.95, seed=0)}
+                              temperature=0.7, top_p=0.95, seed=0, frame="answer_is"),
+             # the release's RULER sweep: 128 questions a task at 8K ... 512K tokens, same sampling and frame
+             "ruler": dict(lengths="8k,16k,32k,64k,128k,256k,512k", samples=128, n=1, temperature=0.7, top_p=0.95,
+                           seed=0, frame="answer_is")}
+# the release's RULER tasks by their names here (the essay ones take the essay file, niah_single_2:FILE;
+# qa_1 SQuAD's dev file, qa_1:FILE)
+RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+               "niah_multikey_3", "niah_multivalue_essay", "niah_multiquery_essay", "vt", "fwe", "qa_1")
+OPEN = ("lengths", "frame")  # the protocol flags a user may still set
 HEADER = (f"{'task':<16} {'length':>9} {'samples':>7} {'n':>3} {'acc':>6} {'95% CI':>13} {'tokens read':>11} "
           f"{'seconds':>8} {'tok/s':>8} {'errors':>6}")
 
@@ -58,8 +71,16 @@ def plan(tasks, lengths):
     cells = []
     for spec in tasks:
         kind, _, path = spec.partition(":")
-        if kind in TASKS and not path:
-            cells += [(kind, kind, None, n) for n in tokens]
+        if kind in TASKS and bool(path) == (kind in SOURCED):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"task {spec!r}: no such file {path!r}")
+            cells += [(kind, kind, path or None, n) for n in tokens]
+        elif kind in SOURCED:
+            raise ValueError(f"task {kind!r} reads its haystack from a text file: give it as {kind}:FILE")
+        elif kind in RULER_QA and path:
+            if not os.path.isfile(path):
+                raise ValueError(f"task {spec!r}: no such file {path!r}")
+            cells += [(kind, kind, path, n) for n in tokens]
         elif kind in ("hotpotqa", "jsonl") and path:
             if not os.path.isfile(path):
                 raise ValueError(f"task {spec!r}: no such file {path!r}")
@@ -68,7 +89,8 @@ def plan(tasks, lengths):
             else:
                 cells.append((os.path.splitext(os.path.basename(path))[0], kind, path, None))
         else:
-            raise ValueError(f"unknown task {spec!r}: expected one of {', '.join(TASKS)}, hotpotqa:FILE or jsonl:FILE")
+            raise ValueError(f"unknown task {spec!r}: expected one of {', '.join(TASKS)}, hotpotqa:FILE, jsonl:FILE, "
+                             f"qa_1:SQUAD_FILE or qa_2:HOTPOTQA_FILE")
     return cells
 
 
@@ -82,11 +104,13 @@ def check_sweep(tasks, lengths, samples, tokenizer, seed):
     docs = {}  # hotpotqa file -> its document counts
     for name, kind, path, length in cells:
         if kind in TASKS:
-            check_length(kind, length, tokenizer, num=samples, seed=seed)
+            check_length(kind, length, tokenizer, num=samples, seed=seed, source=path)
         elif kind == "hotpotqa":
             docs.setdefault(path, []).append(length)
         elif kind == "jsonl":
             load_jsonl(path)
+        elif kind in RULER_QA and length == min(n for _, k, p, n in cells if (k, p) == (kind, path)):
+            load_ruler_qa(kind, path, length, tokenizer, samples, seed)  # the shortest bounds the question's own
     for path, counts in docs.items():  # the fewest documents bound the gold paragraphs, the most the distractors
         for num_docs in {min(counts), max(counts)}:
             load_hotpotqa(path, num_docs, num_samples=samples, seed=seed)
@@ -98,7 +122,9 @@ def load_samples(kind, path, length, tokenizer, num, seed):
         return load_hotpotqa(path, length, num_samples=num, seed=seed)
     if kind == "jsonl":
         return load_jsonl(path)[:num]
-    return make_samples(kind, length, tokenizer, num, seed)
+    if kind in RULER_QA:
+        return load_ruler_qa(kind, path, length, tokenizer, num, seed)
+    return make_samples(kind, length, tokenizer, num, seed, source=path)
 
 
 def wilson(mean, count, z=1.96):
@@ -111,14 +137,14 @@ def wilson(mean, count, z=1.96):
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def answer_prompts(engine, tok, prompts, params, n):
-    """(sample index i, prompt ids) pairs -> n (completion, text, boxed answer) each, sample-major. Rollout
-    k of sample i draws its own noise, as the agent seeds its turns; a None seed stays unseeded."""
+def answer_prompts(engine, tok, prompts, params, n, extract=extract_boxed):
+    """(sample index i, prompt ids) pairs -> n (completion, text, extracted answer) each, sample-major.
+    Rollout k of sample i draws its own noise, as the agent seeds its turns; a None seed stays unseeded."""
     completions = engine.generate([p for _, p in prompts for _ in range(n)],
                                   [replace(params, seed=None if params.seed is None else derive_seed(params.seed, i, k))
                                    for i, _ in prompts for k in range(n)])
     texts = [tok.decode([i for i in c.token_ids if i not in tok.stop_ids and i != tok.pad_id]) for c in completions]
-    return [(c, text, extract_boxed(text)) for c, text in zip(completions, texts)]
+    return [(c, text, extract(text)) for c, text in zip(completions, texts)]
 
 
 def run_direct(agent, engine, samples, params, n, max_prompt_tokens):
@@ -133,7 +159,7 @@ def run_direct(agent, engine, samples, params, n, max_prompt_tokens):
             continue
         outs += [dict(tokens_read=len(prompt) - frame, doc_tokens=doc, error=None, memories=[]) for _ in range(n)]
         prompts.append((i, prompt))
-    answers = iter(answer_prompts(engine, agent.tok, prompts, params, n))
+    answers = iter(answer_prompts(engine, agent.tok, prompts, params, n, agent.extract))
     for o in outs:
         if o["error"] is None:
             c, text, answer = next(answers)
@@ -164,14 +190,14 @@ def make_engine(model, sequences, seed, progress):
                   seed=seed, progress=progress)
 
 
-def cell_runner(engine, tokenizer, agent, mode, params, n, progress):
+def cell_runner(engine, tokenizer, agent, mode, params, n, progress, frame):
     """-> run(samples): one output per rollout, sample-major."""
     if mode == "agent":
-        runner = MemoryAgent(engine, tokenizer, agent, keep_conversations=False, progress=progress)
+        runner = MemoryAgent(engine, tokenizer, agent, keep_conversations=False, progress=progress, frame=frame)
         return lambda cell: [dict(answer_text=t.answer_text, answer=t.answer, tokens_read=t.tokens_read, error=t.error,
                                   doc_tokens=cell[j // n].meta.get("doc_tokens") or t.tokens_read, memories=t.memories)
                              for j, t in enumerate(runner.run(cell, n=n, params=params))]
-    runner = MemoryAgent(None, tokenizer, agent)  # builds the prompts only: the update turn's budget does not apply
+    runner = MemoryAgent(None, tokenizer, agent, frame=frame)  # builds the prompts only: no update-turn budget
     max_prompt = engine.max_len - agent.answer_tokens
     if max_prompt <= 0:
         raise ValueError(f"agent.answer_tokens={agent.answer_tokens} leaves no room in the model's "
@@ -180,13 +206,24 @@ def cell_runner(engine, tokenizer, agent, mode, params, n, progress):
     return lambda cell: run_direct(runner, engine, cell, params, n, max_prompt)
 
 
+def trace_records(cell, preds, outs, n):
+    """What --traces keeps of each rollout: the question, its gold, the memory after every chunk, the answer."""
+    return [dict(task=p["task"], length=p["length"], id=p["id"], rollout=p["rollout"], question=s.question,
+                 answers=s.answers, doc_tokens=p["doc_tokens"], needles=s.meta.get("needles", []),
+                 supporting=s.meta.get("supporting", []), memories=o["memories"], answer_text=o["answer_text"],
+                 answer=o["answer"], score=p["score"], error=o["error"])
+            for p, o, s in zip(preds, outs, (s for s in cell for _ in range(n)))]
+
+
 def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode="agent", temperature=0.0,
-             top_p=1.0, n=1, seed=0, engine=None, progress=False, out=None, traces=None, outputs=None) -> dict:
+             top_p=1.0, n=1, seed=0, engine=None, progress=False, out=None, traces=None, outputs=None,
+             frame="boxed") -> dict:
     """Run every task x length cell -> {"config", "complete", "results" (a row per cell), "predictions"
     (one per question and rollout)}. `engine` lets a caller (train.py) reuse its own; with `progress`,
     bars and a table row per cell. `out`: the JSON, rewritten after each cell; `traces`: JSONL of each
     rollout's memories and answer, and beside it their page (trace_page.py), both after each cell; all
-    claimed in `outputs` (a new Outputs if None)."""
+    claimed in `outputs` (a new Outputs if None). `frame` (tasks.FRAMES): how the final turn gives its
+    answer, and so which form of each task's scorer reads it."""
     sweep = EvalConfig(samples=samples, n=n, temperature=temperature, top_p=top_p, seed=seed)
     if mode not in ("agent", "direct"):
         raise SettingError(f"mode must be 'agent' or 'direct', got {mode!r}")
@@ -200,9 +237,9 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
         params = SamplingParams(temperature=sweep.temperature, top_p=sweep.top_p, seed=seed)
         if engine is None:
             engine = make_engine(model, samples * n, seed, progress)
-        run_cell = cell_runner(engine, tokenizer, agent, mode, params, n, progress)
+        run_cell = cell_runner(engine, tokenizer, agent, mode, params, n, progress, frame)
         config = dict(tasks=list(tasks), lengths=[str(l) for l in lengths], samples=samples, n=n, mode=mode,
-                      agent=as_dict(agent), temperature=temperature, top_p=top_p, seed=seed)
+                      agent=as_dict(agent), temperature=temperature, top_p=top_p, seed=seed, frame=frame)
         res, trace_lines = dict(config=config, complete=False, results=[], predictions=[]), []
         if progress:
             print(HEADER, flush=True)
@@ -212,7 +249,7 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
             outs = run_cell(cell)
             seconds = time.perf_counter() - t0
             preds = [dict(task=name, length=length, id=s.id, rollout=j % n, answer=o["answer"], answers=s.answers,
-                          score=0.0 if o["error"] else score(s, o["answer"]), error=o["error"],
+                          score=0.0 if o["error"] else score(s, o["answer_text"], frame), error=o["error"],
                           answer_text=o["answer_text"], tokens_read=o["tokens_read"], doc_tokens=o["doc_tokens"])
                      for j, (s, o) in enumerate(zip((s for s in cell for _ in range(n)), outs))]  # sample-major
             row = cell_row(name, length, mode, cell, preds, n, seconds)
@@ -223,12 +260,7 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
             if out:
                 outputs.write_json(out, res)
             if traces:
-                trace_lines += [dict(task=name, length=length, id=p["id"], rollout=p["rollout"], question=s.question,
-                                     answers=s.answers, doc_tokens=p["doc_tokens"], needles=s.meta.get("needles", []),
-                                     supporting=s.meta.get("supporting", []), memories=o["memories"],
-                                     answer_text=o["answer_text"], answer=o["answer"], score=p["score"],
-                                     error=o["error"])
-                                for p, o, s in zip(preds, outs, (s for s in cell for _ in range(n)))]
+                trace_lines += trace_records(cell, preds, outs, n)
                 outputs.write_lines(traces, trace_lines)
                 write_file(trace_page.page_path(traces), trace_page.render(trace_lines, res["results"],
                                                                            agent.chunk_tokens))
@@ -258,18 +290,32 @@ def question_file(kind, path):
     return records, samples
 
 
-def closed_book(engine, tokenizer, agent: AgentConfig, samples, params: SamplingParams, n=1):
-    """-> (answered flags, rollouts that failed): whether any of n rollouts scores above 0 without the
-    document; None where every rollout failed (such a question is neither kept nor dropped). Asked
-    through the agent's final-answer turn with the empty-memory placeholder, the prompt the policy
-    answers from when nothing was read (a direct prompt with an empty text would test a frame the
-    policy is never trained or evaluated in)."""
-    prompter = MemoryAgent(None, tokenizer, agent)
-    prompts = [(i, prompter.prompt(tokenizer.encode(s.question), [])) for i, s in enumerate(samples)]
-    params = replace(params, max_new_tokens=agent.answer_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
+# the release's closed-book rule: each model answers each question twice, sampled (temperature 1.0,
+# top_p 0.7, 512 tokens), asked for a boxed answer with no document; the question is dropped if any
+# answer boxes a gold answer (its training reward) or contains one anywhere. With several models, run
+# the filter once per model, each on the previous run's output: a question survives only if every
+# model misses it.
+CLOSED_BOOK = dict(n=2, temperature=1.0, top_p=0.7, seed=0)
+CLOSED_BOOK_TOKENS = 512
+CLOSED_BOOK_PROMPT = "Answer the question; put the final answer in \\boxed{{}}.\n\n<problem>\n{problem}\n</problem>"
+
+
+def closed_book(engine, tokenizer, samples, params: SamplingParams, n=CLOSED_BOOK["n"],
+                max_new_tokens=CLOSED_BOOK_TOKENS):
+    """-> (answered flags, rollouts that failed): whether any of n rollouts answers without the
+    document (see CLOSED_BOOK); None where every rollout failed (neither kept nor dropped)."""
+    head, tail = CLOSED_BOOK_PROMPT.split("{problem}")
+    head, tail = tokenizer.encode(head.replace("{{}}", "{}")), tokenizer.encode(tail)
+    prompts = [(i, tokenizer.apply_chat_template([{"role": "user", "content": head + tokenizer.encode(q.question)
+                                                   + tail}])) for i, q in enumerate(samples)]
+    params = replace(params, max_new_tokens=max_new_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
     outs = answer_prompts(engine, tokenizer, prompts, params, n)
+
+    def answers(text, golds):
+        return boxed_em(text, golds) > 0 or any(g.lower() in text.lower() for g in golds)
+
     answered = [None if all(c.finish_reason == "error" for c, _, _ in outs[i * n:(i + 1) * n]) else
-                any(c.finish_reason != "error" and score(s, answer) > 0 for c, _, answer in outs[i * n:(i + 1) * n])
+                any(c.finish_reason != "error" and answers(text, s.answers) for c, text, _ in outs[i * n:(i + 1) * n])
                 for i, s in enumerate(samples)]
     return answered, sum(c.finish_reason == "error" for c, _, _ in outs)
 
@@ -412,9 +458,10 @@ def read_results(p, paths):
 
 
 def resolve_protocol(p, args):
-    """Fill the flags left unset from --protocol's values, or the defaults; a protocol fixes its own."""
-    preset = PROTOCOLS[args.protocol] if args.protocol else DEFAULTS
-    fixed = [k for k in preset if k != "lengths" and getattr(args, k) is not None] if args.protocol else []
+    """Fill the flags left unset from --protocol's values, or the defaults (--closed-book: its own);
+    a protocol fixes its own."""
+    preset = PROTOCOLS[args.protocol] if args.protocol else CLOSED_BOOK if args.closed_book else DEFAULTS
+    fixed = [k for k in preset if k not in OPEN and getattr(args, k) is not None] if args.protocol else []
     if fixed:
         p.error(f"--protocol {args.protocol} fixes {', '.join('--' + k.replace('_', '-') for k in fixed)}")
     for key, value in preset.items():
@@ -432,9 +479,12 @@ def parser():
     for key, kind, text in (("lengths", str, "comma-separated: tokens (8k,128k); documents for hotpotqa"),
                             ("samples", int, "questions per cell"), ("n", int, "rollouts per question, all scored"),
                             ("temperature", float, "0: greedy"), ("top_p", float, "nucleus mass"),
-                            ("seed", int, "sampling seed")):
-        p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{text} (default {DEFAULTS[key]})")
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="a published evaluation's settings")
+                            ("seed", int, "sampling seed"),
+                            ("frame", str, f"how the final turn gives its answer, one of {', '.join(FRAMES)}")):
+        p.add_argument("--" + key.replace("_", "-"), type=kind, choices=FRAMES if key == "frame" else None,
+                       help=f"{text} (default {DEFAULTS[key]})")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="a published evaluation's settings (ruler: "
+                   f"the release's RULER sweep, whose tasks are {','.join(RULER_TASKS)})")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--label", help="the run's name in plots and tables (default: the model's)")
@@ -442,7 +492,8 @@ def parser():
     p.add_argument("--traces", help="write each rollout's memories and answer to this JSONL file, and "
                    "a page of them beside it (X.jsonl -> X.html)")
     p.add_argument("--closed-book", metavar="OUT_JSONL", help="write the records of the one hotpotqa or jsonl "
-                   "task whose question the model cannot answer without the document")
+                   "task whose question the model cannot answer without the document (of its first --samples "
+                   "records, default all; --n 2, --temperature 1.0, --top-p 0.7 unless given)")
     p.add_argument("--plot", help="write accuracy vs length to this PNG (needs matplotlib)")
     p.add_argument("--markdown", action="store_true", help="print markdown tables of the results")
     p.add_argument("--from", dest="sources", nargs="+", metavar="JSON", help="report these results; run nothing")
@@ -455,12 +506,13 @@ def check_inputs(args):
     tasks = args.tasks.split(",")
     agent = agent_config(args.model, args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    EvalConfig(samples=args.samples, n=args.n, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    EvalConfig(samples=1 if args.samples is None else args.samples, n=args.n, temperature=args.temperature,
+               top_p=args.top_p, seed=args.seed)  # (--closed-book without --samples reads every question)
     if args.closed_book and (len(tasks) != 1 or tasks[0].partition(":")[0] not in ("hotpotqa", "jsonl")):
         raise ValueError(f"--closed-book takes one hotpotqa:FILE or jsonl:FILE task, got {args.tasks!r}")
     cells = plan(tasks, ["1"]) if args.closed_book else check_sweep(tasks, args.lengths.split(","), args.samples,
                                                                     tokenizer, args.seed)
-    if args.protocol and any(kind not in ("hotpotqa", "jsonl") for _, kind, _, _ in cells):
+    if args.protocol == "memagent" and any(kind not in ("hotpotqa", "jsonl") for _, kind, _, _ in cells):
         raise ValueError(f"--protocol {args.protocol} scores hotpotqa or jsonl questions with sub_em; "
                          f"the synthetic tasks have their own scorers")
     outputs = Outputs(reads=task_files(cells) + [args.model, args.tokenizer])
@@ -472,11 +524,11 @@ def check_inputs(args):
     return agent, tokenizer, questions, outputs
 
 
-def run_closed_book(args, model, tokenizer, agent, question_set, outputs):
-    records, questions = question_set
+def run_closed_book(args, model, tokenizer, question_set, outputs):
+    records, questions = (part[:args.samples] for part in question_set)  # the release: dev's first 200
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    answered, failed = closed_book(make_engine(model, args.n, args.seed, progress=True), tokenizer, agent,
-                                   questions, params, args.n)
+    answered, failed = closed_book(make_engine(model, args.n, args.seed, progress=True), tokenizer, questions,
+                                   params, args.n)
     outputs.write_lines(args.closed_book, [rec for rec, known in zip(records, answered) if known is False])
     unknown = answered.count(None)
     print(f"closed book: {answered.count(True)} of {len(records)} questions answered without the "
@@ -505,10 +557,10 @@ def main(argv=None):
         dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
         if question_set:
-            return run_closed_book(args, model, tokenizer, agent, question_set, outputs)
+            return run_closed_book(args, model, tokenizer, question_set, outputs)
         res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, agent,
                        args.mode, args.temperature, args.top_p, args.n, args.seed, progress=True, out=args.out,
-                       traces=args.traces, outputs=outputs)
+                       traces=args.traces, outputs=outputs, frame=args.frame)
         res["config"].update(model=args.model, tokenizer=args.tokenizer or args.model, dtype=dtype,
                              device=args.device, label=args.label, protocol=args.protocol)
         if args.out:  # evaluate wrote each cell; this adds where the run came from

@@ -28,7 +28,7 @@ from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_outputs import write_file
 from settings import SettingError, Settings, as_dict, at_least, build, nearest, option, read_json
-from tasks import Sample
+from tasks import FRAMES, Sample, extract_answer_is, extract_boxed
 from tokenizer import load_tokenizer
 
 # The paper's structure, in our own words. {problem}, {memory} and {section} mark where the ids go.
@@ -67,18 +67,30 @@ TEMPLATES["compact"] = {
 }
 
 
+# The release's evaluation frame (eval.py --frame answer_is): the final turn ends its reply with
+# "Therefore, the answer is ...". Kept out of TEMPLATES, whose text trains the tiny tokenizer.
+ANSWER_IS = {
+    "final_answer_is": ("You have read a long text and kept a memory of it. Solve the problem from the "
+                        "memory alone, and end your reply with \"Therefore, the answer is\" followed by the "
+                        "answer.\n\n<problem>\n{problem}\n</problem>\n\n<memory>\n{memory}\n</memory>\n\nAnswer:\n"),
+    "direct_answer_is": ("Read the text and solve the problem, and end your reply with \"Therefore, the answer "
+                         "is\" followed by the answer.\n\n<text>\n{section}\n</text>\n\n"
+                         "<problem>\n{problem}\n</problem>\n\nAnswer:\n"),
+}
 PLACEHOLDERS = {"update": ("problem", "memory", "section"), "final": ("problem", "memory"),
-                "direct": ("problem", "section"), "empty_memory": ()}
+                "direct": ("problem", "section"), "empty_memory": (), "final_answer_is": ("problem", "memory"),
+                "direct_answer_is": ("problem", "section")}
 
 
 def load_template(template):
-    """A built-in name, a dict, or a JSON file with the keys update and final (direct and empty_memory
-    optional, else the default's). Each prompt holds exactly its placeholders (PLACEHOLDERS); literal
-    braces are doubled, as in str.format."""
+    """A built-in name, a dict, or a JSON file with the keys update and final (direct, empty_memory,
+    final_answer_is and direct_answer_is optional, else the default's: the last two are the answer-is
+    frame's final and direct turns). Each prompt holds exactly its placeholders (PLACEHOLDERS);
+    literal braces are doubled, as in str.format."""
     if isinstance(template, dict):
         where, given = "template", template
     elif template in TEMPLATES:
-        return TEMPLATES[template]
+        return {**ANSWER_IS, **TEMPLATES[template]}
     elif isinstance(template, str) and os.path.isfile(template):
         where, given = template, read_json(template, "a JSON object of prompts")
     else:
@@ -92,14 +104,14 @@ def load_template(template):
         stray = re.sub(r"\{\w*\}", "", text.replace("{{", "").replace("}}", ""))
         wrong = sorted("{" + n + "}" for n in set(names) - set(PLACEHOLDERS[key]))
         wrong += ["a lone brace"] if "{" in stray or "}" in stray else []
-        missing = [p for p in PLACEHOLDERS[key] if p not in names and key in given]
+        missing = [p for p in PLACEHOLDERS[key] if p not in names]
         if wrong or missing:
             raise SettingError(f"{where}: '{key}' " + (f"has {wrong} (literal braces are doubled) " if wrong else "")
                                + (f"lacks the placeholders {['{' + m + '}' for m in missing]}" if missing else ""))
     for key in ("update", "final"):
         if key not in given:
             raise SettingError(f"{where}: no '{key}' prompt")
-    return dict(TEMPLATES["default"], **given)
+    return {**ANSWER_IS, **TEMPLATES["default"], **given}
 
 
 @dataclass
@@ -112,6 +124,8 @@ class AgentConfig(Settings):
     answer_tokens: int = option(1024, at_least(1))  # cap on the final answer
     question_tokens: int = option(1024, at_least(1))  # longest question accepted
     template: str = "default"  # a name in TEMPLATES or a JSON file (see load_template)
+    keep_empty_memory: bool = False  # an empty memory the model writes is shown empty (the release), not as
+    # the template's empty_memory placeholder (which always stands for "nothing read yet")
 
     def check_together(self):
         try:
@@ -152,20 +166,6 @@ class SplicedTemplate:
 
     def render(self, **ids):
         return [i for p in self.parts for i in (ids[p] if isinstance(p, str) else p)]
-
-
-def extract_boxed(text):
-    """The content of the last \\boxed{...} (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        depth, i = 1, start + len("\\boxed{")
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len("\\boxed{"):i - 1].strip()
-        start = text.rfind("\\boxed{", 0, start)  # unclosed: try the one before
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ class Trajectory:
     conversations: list[Conversation] = field(default_factory=list)
     memories: list[str] = field(default_factory=list)  # the memory text after each update
     answer_text: str | None = None
-    answer: str | None = None  # content of the last \boxed{}; None if there is none
+    answer: str | None = None  # the prediction the frame extracts (the last \boxed{}'s content); None if none
     tokens_read: int = 0
     tokens_generated: int = 0
     turns: int = 0
@@ -288,23 +288,27 @@ class _Rollout:
     stream: ChunkStream
     reader: int  # rollout index: the stream's reader, and a seed coordinate
     sample_index: int
-    memory: list[int] = field(default_factory=list)
+    memory: list[int] | None = None  # None until the model writes one
     prompt: list[int] | None = None
     is_final: bool = False
 
 
 class MemoryAgent:
     def __init__(self, engine, tokenizer, agent: AgentConfig | None = None, keep_conversations=True,
-                 progress=False):
+                 progress=False, frame="boxed"):
         """agent: budgets and template (None: AgentConfig()). engine=None only builds prompts (SFT
         rows). keep_conversations=False drops each turn's ids once used (evaluation of very long
-        documents); training needs them."""
+        documents); training needs them. frame (tasks.FRAMES): how the final and direct turns ask
+        for the answer, and what Trajectory.answer extracts from it."""
         self.engine, self.tok = engine, tokenizer
         self.cfg = agent = agent or AgentConfig()
+        assert frame in FRAMES, frame
         t = load_template(agent.template)
+        suffix = "" if frame == "boxed" else "_" + frame
         self.update = SplicedTemplate(t["update"], tokenizer)
-        self.final = SplicedTemplate(t["final"], tokenizer)
-        self.direct = SplicedTemplate(t["direct"], tokenizer)
+        self.final = SplicedTemplate(t["final" + suffix], tokenizer)
+        self.direct = SplicedTemplate(t["direct" + suffix], tokenizer)
+        self.extract = extract_boxed if frame == "boxed" else extract_answer_is
         self.empty_memory = tokenizer.encode(t["empty_memory"])
         self.keep_conversations = keep_conversations
         self.progress = progress
@@ -332,9 +336,12 @@ class MemoryAgent:
         return self.tok.apply_chat_template([{"role": "user", "content": content_ids}])
 
     def prompt(self, problem, memory, chunk=None):
-        """The prompt ids of a memory update (chunk given) or of the final answer (chunk None)."""
+        """The prompt ids of a memory update (chunk given) or of the final answer (chunk None). memory
+        None (nothing written yet) shows the placeholder; so does an empty one unless keep_empty_memory."""
+        if memory is None or not (memory or self.cfg.keep_empty_memory):
+            memory = self.empty_memory
         template = self.final if chunk is None else self.update
-        return self._wrap(template.render(problem=problem, memory=memory or self.empty_memory, section=chunk))
+        return self._wrap(template.render(problem=problem, memory=memory, section=chunk))
 
     def run(self, samples: list[Sample], n=1, params: SamplingParams = SamplingParams(),
             on_turn=None) -> list[Trajectory]:
@@ -426,7 +433,7 @@ class MemoryAgent:
         t.tokens_generated += len(c.token_ids)
         text = self.tok.decode(ids)
         if r.is_final:
-            t.answer_text, t.answer = text, extract_boxed(text)
+            t.answer_text, t.answer = text, self.extract(text)
         else:
             r.memory = ids
             t.memories.append(text)
@@ -449,8 +456,14 @@ class MemoryAgent:
 def add_agent_flags(parser):
     """--chunk-tokens, --memory-tokens, --answer-tokens, --question-tokens, --template."""
     for f in fields(AgentConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
+        parser.add_argument("--" + f.name.replace("_", "-"), type=_true_or_false if f.type is bool else f.type,
                             help=f"overrides the checkpoint's agent.json (without one: {f.default})")
+
+
+def _true_or_false(text):
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
 
 
 def agent_config(model, args):

@@ -229,6 +229,9 @@ class DataConfig(Settings):
     hotpot_docs: int = option(200, at_least(1))  # documents per HotpotQA question
     questions_per_step: int = option(8, at_least(1))  # over all ranks
     shuffle: bool = True  # a file's questions in a fresh seeded order each epoch, or in file order
+    max_questions: int = option(0, at_least(0))  # > 0: only a file's first max_questions, cycled (release: 8192)
+    max_chunks: int = option(0, at_least(0))  # > 0: longer documents keep their first and last max_chunks x
+    #                                           chunk_tokens / 2 tokens (the release trains on 8 chunks)
     # SFT of a model trained from scratch (the embedded tiny agent):
     copy_warmup_steps: int = option(0, at_least(0))  # first steps train on repeated random text instead
     tokenizer_tasks: str = ""  # tasks whose text trains a from-scratch tokenizer (default TOKENIZER_TASKS)
@@ -247,10 +250,14 @@ class RLConfig(Settings):
     clip_c: float = option(3.0, above(1))  # dual clip
     loss_agg: str = option("token-mean", one_of("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"))
     norm_by_std: bool = False  # the released MemAgent scripts use R - mean(R)
-    reward: str = option("boxed_em", one_of("boxed_em", "sample"))  # the paper's | the sample's own scorer
+    reward: str = option("boxed_em", one_of("boxed_em", "sample"))  # the release's (tasks.boxed_em) | the sample's
     overlong_buffer: int = option(0, at_least(0))  # > 0: DAPO's soft penalty on answers near answer_tokens
     dynamic_sampling: bool = True
-    max_rounds: int = option(3, at_least(1))  # generation rounds per step; then it trains on what it has
+    max_rounds: int = option(3, at_least(1))  # generation rounds per step; then out_of_rounds decides
+    out_of_rounds: str = option("train", one_of("train", "error"))  # train on what it has | error (DAPO recipe)
+    filter_by: str = option("reward", one_of("reward", "accuracy"))  # what must differ in a kept group: the
+    #                                                                  shaped reward | accuracy (DAPO recipe)
+    shuffle_mini_batches: bool = True  # a seeded permutation of the rows, or contiguous slices in turn order
     kl_coef: float = option(0.0, at_least(0))
     kl_estimator: str = option("k3", one_of("k1", "k2", "k3"))
 
@@ -266,6 +273,8 @@ class OptimConfig(Settings):
     beta2: float = option(0.999, within(0, 1, high_open=True))
     grad_clip: float = option(1.0, above(0))
     micro_batch_tokens: int = option(16384, at_least(1))
+    warmup_from_zero: bool = False  # warm-up LR at step s: s / warmup_steps (0 first, the release), or (s + 1) / ...
+    decay_all: bool = False  # weight decay on every parameter (the release), or not on norms and biases
 
 
 @dataclass

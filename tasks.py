@@ -1,5 +1,7 @@
-"""Data for the memory agent: RULER-style synthetic tasks fitted to a token length, the
-RULER-HotpotQA multi-document builder, a JSONL loader, and the scorers.
+"""Data for the memory agent: RULER-style synthetic tasks fitted to a token length (the project's,
+and RULER's as the MemAgent release evaluates them, qa_1 and qa_2 included), the RULER-HotpotQA
+multi-document builder, a JSONL loader, and the scorers (the release's training reward and
+evaluation frame among them).
 
 A Sample's document is a str or a zero-argument callable returning a fresh iterator of text pieces,
 so a 3.5M-token document is never one string. Each piece carries its separator in front (" sentence",
@@ -17,8 +19,10 @@ needle numbered `until` is read, if any); depth (of the first relevant needle): 
 import json
 import math
 import os
+import random
 import re
 import string
+import uuid
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,8 +61,9 @@ class TaskSpec:
     relevant: int = 0  # of them, those an ideal memory keeps
     answers_in_needles: bool = True  # each gold string is written in a relevant needle (False: computed)
 
-    def __call__(self, length, tokenizer, seed=0, index=0) -> Sample:
-        return self.make(length, tokenizer, seed, index)
+    def __call__(self, length, tokenizer, seed=0, index=0, source=None) -> Sample:
+        """`source`: the text file a task in SOURCED reads its haystack from."""
+        return self.make(length, tokenizer, seed, index, source)
 
 
 def document_pieces(sample: Sample) -> Iterator[str]:
@@ -286,13 +291,96 @@ def needle_task(task, draw, scorer="string_match_all", **promises) -> TaskSpec:
     """The TaskSpec of a needle task from its draw: (seed, index) -> dict(rng, haystack, needles,
     relevant, question, answers[, ordered, until]), whose needles are placed at seeded depths of the
     haystack and fitted to the length."""
-    def make(length, tokenizer, seed=0, index=0):
-        return _needle_sample(task, length, tokenizer, seed, index, scorer=scorer, **draw(seed, index))
+    def make(length, tokenizer, seed=0, index=0, source=None):
+        return _needle_sample(task, length, tokenizer, seed, index, scorer=scorer, **_draw(draw, seed, index, source))
 
-    def minimum(tokenizer, seed, index):
-        d = draw(seed, index)
+    def minimum(tokenizer, seed, index, source=None):
+        d = _draw(draw, seed, index, source)
         return _needle_minimum(_token_counter(tokenizer), d["needles"], d["haystack"])
     return TaskSpec(make, minimum, scorer, **promises)
+
+
+def _draw(draw, seed, index, source):  # a task that reads its haystack from a file gets it as `essay`
+    return draw(seed, index) if source is None else draw(seed, index, essay=source)
+
+# -----------------------------------------------------------------------------
+# RULER's needle tasks as the release evaluates them (its synthetic.yaml), with RULER's key and value
+# formats (words, 7-digit numbers, uuids) and haystacks: "noise" (the repeated sentences above, the
+# project's stand-in for RULER's repeated lines), "essay" (the sentences of a text file the user
+# gives, cycled when the document is longer; RULER uses Paul Graham's essays) and "needles" (other
+# keys' needles, as distractors). The needle and question wording is the project's. RULER's
+# niah_multivalue and niah_multiquery are the project's tasks of those names on an essay haystack,
+# here niah_multivalue_essay and niah_multiquery_essay.
+
+def _ruler_value(rng, kind):
+    if kind == "numbers":
+        return _numbers(rng, 1, 7)[0]
+    if kind == "uuids":
+        return str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "big"), version=4))
+    i = int(rng.integers(len(ADJECTIVES) * len(NOUNS)))
+    return f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}"
+
+
+def _essay_haystack(path) -> Callable[[], Iterator[str]]:
+    sentences = _essay_sentences(str(path))
+    spaced = [SEP + x for x in sentences]
+    return lambda: chain(sentences[:1], spaced[1:], cycle(spaced))
+
+
+@cache
+def _essay_sentences(path) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = " ".join(f.read().split())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the essay haystack ({e})") from e
+    sentences = [x for x in re.split(r"(?<=[.!?])\s+", text) if x]
+    if not sentences:
+        raise ValueError(f"{path}: the essay haystack holds no text")
+    return sentences
+
+
+def _needles_haystack(rng, key, value, asked) -> Callable[[], Iterator[str]]:
+    seed = int(rng.integers(2 ** 63))
+
+    def stream():
+        r = np.random.default_rng(seed)
+        first = True
+        while True:
+            k, v = _ruler_value(r, key), _ruler_value(r, value)
+            if k not in asked:
+                yield ("" if first else SEP) + f"One of the magic {value} for {k} is {v}."
+                first = False
+    return stream
+
+
+def _ruler_niah(task, seed, index, haystack, key="words", value="numbers", keys=1, values=1, asked=1,
+                essay=None) -> dict:
+    if haystack == "essay" and essay is None:
+        raise ValueError(f"{task} reads its haystack from a text file: give it as {task}:FILE")
+    rng = _rng(task, seed, index)
+    names = list(dict.fromkeys(_ruler_value(rng, key) for _ in range(4 * keys)))[:keys]
+    vals = [_ruler_value(rng, value) for _ in range(keys * values)]
+    needles = [f"One of the magic {value} for {names[i // values]} is {v}." for i, v in enumerate(vals)]
+    one = value[:-1]
+    question = (f"What are the magic {value} for {', '.join(names[:asked - 1])} and {names[asked - 1]}?"
+                if asked > 1 else f"What are all the magic {value} for {names[0]}?" if values > 1
+                else f"What is the magic {one} for {names[0]}?")
+    stack = (_noise_haystack(rng) if haystack == "noise" else _essay_haystack(essay) if haystack == "essay"
+             else _needles_haystack(rng, key, value, set(names)))
+    return dict(rng=rng, haystack=stack, needles=needles, relevant=[i // values < asked for i in range(len(vals))],
+                question=question, answers=vals[:asked * values])
+
+
+RULER_NIAH = dict(niah_single_1=dict(haystack="noise"),
+                  niah_single_2=dict(haystack="essay"),
+                  niah_single_3=dict(haystack="essay", value="uuids"),
+                  niah_multikey_1=dict(haystack="essay", keys=4),
+                  niah_multikey_2=dict(haystack="needles"),
+                  niah_multikey_3=dict(haystack="needles", key="uuids", value="uuids"),
+                  niah_multivalue_essay=dict(haystack="essay", values=4),
+                  niah_multiquery_essay=dict(haystack="essay", keys=4, asked=4))
+SOURCED = {name for name, kw in RULER_NIAH.items() if kw["haystack"] == "essay"}  # tasks that read a file
 
 
 # -----------------------------------------------------------------------------
@@ -326,12 +414,12 @@ def _fwe_minimum(sep_tokens, slack) -> int:
     return int(_zipf_counts(n) @ sep_tokens) + slack
 
 
-def fwe_minimum(tokenizer, seed, index) -> int:
+def fwe_minimum(tokenizer, seed, index, source=None) -> int:
     _, _, sep_tokens, _, slack = _fwe_words(tokenizer, seed, index)
     return _fwe_minimum(sep_tokens, slack)
 
 
-def fwe(length, tokenizer, seed=0, index=0) -> Sample:
+def fwe(length, tokenizer, seed=0, index=0, source=None) -> Sample:
     """A length below the minimum is refused even where rounding happens to separate ranks 4 and
     5 there: every length from the minimum up works, none below it."""
     target = parse_length(length)
@@ -378,6 +466,8 @@ TASKS = dict(
     passkey=needle_task("passkey", _passkey, needles=1, relevant=1),
     two_hop=needle_task("two_hop", _two_hop, scorer="exact_match", needles=11, relevant=5),
     fwe=TaskSpec(fwe, fwe_minimum, "string_match_all", answers_in_needles=False),  # the answers are counted
+    **{name: needle_task(name, partial(_ruler_niah, name, **kw), needles=kw.get("keys", 1) * kw.get("values", 1),
+                         relevant=kw.get("asked", 1) * kw.get("values", 1)) for name, kw in RULER_NIAH.items()},
 )
 
 
@@ -386,22 +476,23 @@ def _check_positive(name, n):
         raise ValueError(f"{name} must be a positive integer, got {n!r}")
 
 
-def check_length(task: str, length, tokenizer, num: int = 1, seed: int = 0) -> int:
+def check_length(task: str, length, tokenizer, num: int = 1, seed: int = 0, source=None) -> int:
     """`length` in tokens if samples 0..num-1 of `task` fit in it, else a ValueError naming the
     task, the length and the minimum. Cheap: draws the needles, builds no document."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     _check_positive("num", num)
     target = parse_length(length)
-    minimum = max(TASKS[task].minimum(tokenizer, seed, i) for i in range(num))
+    minimum = max(TASKS[task].minimum(tokenizer, seed, i, source) for i in range(num))
     if target < minimum:
         raise _too_short(task, target, minimum)
     return target
 
 
-def make_samples(task: str, length, tokenizer, num: int, seed: int = 0) -> list[Sample]:
-    check_length(task, length, tokenizer, num, seed)
-    return [TASKS[task](length, tokenizer, seed, i) for i in range(num)]
+def make_samples(task: str, length, tokenizer, num: int, seed: int = 0, source=None) -> list[Sample]:
+    """`num` samples of a TASKS task fitted to `length`; `source`: the text file a SOURCED task reads."""
+    check_length(task, length, tokenizer, num, seed, source)
+    return [TASKS[task](length, tokenizer, seed, i, source) for i in range(num)]
 
 
 def ideal_memory_trace(sample: Sample, chunk_tokens: int) -> list[list[str]]:
@@ -425,8 +516,8 @@ def ideal_memory_trace(sample: Sample, chunk_tokens: int) -> list[list[str]]:
 # HotpotQA (the MemAgent release's RULER-HotpotQA construction) and JSONL files
 
 def read_records(path) -> list:
-    """The items of a JSON list (the official HotpotQA file) or of a JSONL file (a filtered copy: one
-    item per line, blank lines skipped), in order."""
+    """The items of a JSON list (the official HotpotQA file), a JSON object as one item (SQuAD's
+    file), or a JSONL file (a filtered copy: one item per line, blank lines skipped), in order."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
@@ -437,6 +528,12 @@ def read_records(path) -> list:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: malformed JSON ({e})") from e
+    try:
+        whole = json.loads(text)
+        if isinstance(whole, dict):
+            return [whole]
+    except json.JSONDecodeError:
+        pass  # JSONL: one item per line
     items = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -475,13 +572,16 @@ def _check_hotpot_item(path, i, item):
 def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0,
                   context: str = "release") -> list[Sample]:
     """HotpotQA questions over `num_docs` documents each, from the dev-distractor layout (a JSON
-    list, or JSONL: one item per line). context="release" (the MemAgent release) starts from all
-    of the question's own paragraphs (2 gold, 8 distractors retrieved for it); "supporting" from
-    its gold paragraphs only. Seeded paragraphs of the file with other titles (other questions'
-    for "release") fill up to num_docs; the placement is shuffled; each is formatted
-    "Document i:\\n{title}\\n{text}" (i from 1), joined by blank lines. The fill at a larger num_docs
-    includes the fill at a smaller one. A num_docs below a question's own paragraph count is an
-    error, not a truncation."""
+    list, or JSONL: one item per line); with num_samples, the file's first num_samples questions (the
+    release evaluates the first 128 it keeps). context="release" (the MemAgent release) starts from
+    all of the question's own paragraphs (2 gold, 8 distractors retrieved for it); "supporting" from
+    its gold paragraphs only. Paragraphs of the file with other titles (other questions' for
+    "release") fill up to num_docs, drawn for each question and each num_docs apart (seeded). As in
+    the release, one fixed shuffle of num_docs slots (random.Random(4)) places them: a question's own
+    paragraphs come first in the list it shuffles, so at a given num_docs they sit in the same slots
+    for every question with as many paragraphs. Each is formatted "Document i:\\n{title}\\n{text}"
+    (i from 1), joined by blank lines. A num_docs below a question's own paragraph count is an error,
+    not a truncation."""
     if context not in ("release", "supporting"):
         raise ValueError(f"context must be 'release' or 'supporting', got {context!r}")
     _check_positive("num_docs", num_docs)
@@ -498,13 +598,13 @@ def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0,
                 seen.add(title)
                 titles.append(title)
                 texts.append("".join(sentences))  # HotpotQA sentences carry their own spaces
-    picks = range(len(items))
-    if num_samples is not None and num_samples < len(items):
-        picks = sorted(np.random.default_rng(seed).choice(len(items), num_samples, replace=False).tolist())
-    return [_hotpot_sample(path, i, items[i], titles, texts, num_docs, seed, context) for i in picks]
+    slots = list(range(num_docs))
+    random.Random(4).shuffle(slots)  # the release's placement, the same for every question
+    return [_hotpot_sample(path, i, items[i], titles, texts, num_docs, seed, context, slots)
+            for i in range(min(num_samples or len(items), len(items)))]
 
 
-def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context) -> Sample:
+def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context, slots) -> Sample:
     paragraphs = {}
     for title, sentences in item["context"]:
         paragraphs.setdefault(title, sentences)
@@ -521,10 +621,9 @@ def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context) -> Sam
 
     def pieces():
         # drawn when read, not when loaded: building 90K training questions stays instant
-        rng = np.random.default_rng([seed, i])
-        first = rng.permutation(len(titles))[:need + len(own)].tolist()  # holds `need` others at least
-        fill = [j for j in first if titles[j] not in own_titles][:need]
-        for n, k in enumerate(rng.permutation(num_docs).tolist()):
+        first = np.random.default_rng([seed, num_docs, i]).permutation(len(titles))[:need + len(own)].tolist()
+        fill = [j for j in first if titles[j] not in own_titles][:need]  # `first` holds `need` others at least
+        for n, k in enumerate(slots):
             title, text = own[k] if k < len(own) else (titles[fill[k - len(own)]], texts[fill[k - len(own)]])
             yield ("\n\n" if n else "") + f"Document {n + 1}:\n{title}\n{text}"
 
@@ -533,6 +632,90 @@ def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context) -> Sam
     meta = dict(task="hotpotqa", length=num_docs, num_docs=num_docs, scorer="sub_em", context=context,
                 gold_titles=gold_titles, supporting=supporting, seed=seed, index=i)
     return Sample(item["_id"], item["question"], pieces, [item["answer"]], meta)
+
+
+# -----------------------------------------------------------------------------
+# RULER's qa_1 (SQuAD) and qa_2 (HotpotQA) as the release evaluates them: a question's own
+# paragraphs (SQuAD: the one it was asked on; HotpotQA: all of its context), then for SQuAD the other
+# paragraphs of its article, then other paragraphs of the file, as many as fit the token length;
+# placed by RULER's fixed shuffle of the slots (random.Random(42)), formatted like the HotpotQA
+# builder's. Scored by sub_em (answer_is_sub_em in the release's frame: its first gold answer).
+
+RULER_QA = {"qa_1": "SQuAD", "qa_2": "HotpotQA"}
+
+
+def _squad_questions(path, items):
+    """-> ([(question, answers, own paragraphs, same-article paragraphs)], unique paragraphs, sorted)."""
+    if len(items) != 1 or not isinstance(items[0].get("data"), list):
+        raise ValueError(f"{path}: expected SQuAD's layout, an object with a 'data' list of articles")
+    try:
+        articles = [[p["context"] for p in a["paragraphs"]] for a in items[0]["data"]]
+        docs = sorted({c for paragraphs in articles for c in paragraphs})
+        where = {c: j for j, c in enumerate(docs)}
+        questions = []
+        for article in items[0]["data"]:
+            same = [where[p["context"]] for p in article["paragraphs"]]
+            for p in article["paragraphs"]:
+                for qa in p["qas"]:
+                    if not qa.get("is_impossible", False):
+                        questions.append((qa["question"], [a["text"] for a in qa["answers"]], [where[p["context"]]],
+                                          [j for j in same if j != where[p["context"]]]))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not SQuAD's layout ({type(e).__name__}: {e})") from None
+    return questions, docs
+
+
+def _hotpot_questions(path, items):
+    docs, own = set(), []
+    for i, item in enumerate(items):
+        _check_hotpot_item(path, i, item)
+        own.append([f"{title}\n{''.join(sentences)}" for title, sentences in item["context"]])
+        docs.update(own[-1])
+    docs = sorted(docs)
+    where = {d: j for j, d in enumerate(docs)}
+    return [(item["question"], [item["answer"]], list(dict.fromkeys(where[d] for d in paragraphs)), [])
+            for item, paragraphs in zip(items, own)], docs
+
+
+def load_ruler_qa(task, path, length, tokenizer, num, seed=0) -> list[Sample]:
+    """The first `num` answerable questions of a SQuAD (qa_1) or HotpotQA (qa_2) file, each over as many
+    documents as fit `length` tokens (see RULER_QA above)."""
+    if task not in RULER_QA:
+        raise ValueError(f"unknown RULER QA task {task!r}; known: {', '.join(RULER_QA)}")
+    _check_positive("num", num)
+    target, items = parse_length(length), read_records(path)
+    questions, docs = (_squad_questions if task == "qa_1" else _hotpot_questions)(path, items)
+    if not questions:
+        raise ValueError(f"{path}: no answerable {RULER_QA[task]} question")
+    count = _token_counter(tokenizer)
+    return [_qa_sample(task, i, questions[i], docs, target, count, seed) for i in range(min(num, len(questions)))]
+
+
+def _qa_sample(task, i, q, docs, target, count, seed) -> Sample:
+    question, answers, own, more = q
+    rng = np.random.default_rng([zlib.crc32(task.encode()), seed, i])
+    taken = set(own) | set(more)
+    order = own + [more[j] for j in rng.permutation(len(more))]
+    order += [j for j in rng.permutation(len(docs)).tolist()[:target] if j not in taken]  # a doc is >= 1 token
+
+    def pieces(n):
+        slots = list(range(n))
+        random.Random(42).shuffle(slots)
+        return [("\n\n" if k else "") + f"Document {k + 1}:\n{docs[order[j]]}" for k, j in enumerate(slots)]
+
+    unshuffled = lambda k: count(f"\n\nDocument {k + 1}:\n{docs[order[k]]}")  # noqa: E731
+    n, total = len(own), sum(map(unshuffled, range(len(own))))
+    while n < len(order) and total + unshuffled(n) <= target:
+        total += unshuffled(n)
+        n += 1
+    while n >= len(own) and sum(map(count, pieces(n))) > target:  # the estimate numbered them unshuffled
+        n -= 1
+    if n < len(own):
+        raise _too_short(task, target, sum(map(count, pieces(len(own)))))
+    doc = pieces(n)
+    meta = dict(task=task, length=target, scorer="sub_em", doc_tokens=sum(map(count, doc)), num_docs=n,
+                seed=seed, index=i)
+    return Sample(f"{task}-{target}-{seed}-{i}", question, lambda: iter(doc), answers, meta)
 
 
 def load_jsonl(path, scorer: str = "sub_em") -> list[Sample]:
@@ -575,7 +758,7 @@ def load_jsonl(path, scorer: str = "sub_em") -> list[Sample]:
 
 
 # -----------------------------------------------------------------------------
-# scorers: score(prediction, answers) -> float in [0, 1]; a None prediction (no answer) scores 0
+# metrics: metric(prediction, answers) -> float in [0, 1]; a None prediction (none extracted) scores 0
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -625,32 +808,135 @@ def string_match_part(prediction, answers) -> float:
     return float(prediction is not None and any(a.lower() in prediction.lower() for a in answers))
 
 
-_LATEX_COMMAND = re.compile(r"\\[a-zA-Z]+")
-_FORMAT_CHARS = str.maketrans("", "", "\\{}$*_`")
+def extract_boxed(text):
+    """The content of the last \\boxed{...} (nested braces allowed), or None: what the metric scorers
+    (exact_match, sub_em, ...) read from a final answer. An unclosed box gives way to the one before."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        depth, i = 1, start + len("\\boxed{")
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len("\\boxed{"):i - 1].strip()
+        start = text.rfind("\\boxed{", 0, start)
+    return None
 
 
-def _boxed_norm(s: str) -> str:
-    # "\text{New York}." and "new york" both become "newyork"
-    s = _LATEX_COMMAND.sub("", s.lower()).translate(_FORMAT_CHARS)
-    return "".join(s.split()).strip(".,;:!?'\"")
+# -----------------------------------------------------------------------------
+# the MemAgent release's training reward (its verl hotpotqa reward, read for its rules)
+
+def _release_box(text: str):
+    """The release's last box: with "\\boxed " (a space) anywhere, the text after the last such
+    marker up to the next "$"; else the last "\\boxed" followed at once by a braced group closed
+    at its own depth. None for anything else (no box, an unclosed one, \\fbox, "\\boxed[..]")."""
+    if "\\boxed " in text:
+        return text.split("\\boxed ")[-1].split("$")[0]
+    start = text.rfind("\\boxed")
+    depth = 0
+    for i in range(start + len("\\boxed"), len(text)) if start >= 0 else ():
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if text[i] == "}" and depth == 0:
+            # the group must open right after the command, else the release's box is malformed
+            return text[start + len("\\boxed{"):i] if text[start + len("\\boxed")] == "{" else None
+    return None
 
 
-def boxed_em(prediction, answers, all_of=False) -> float:
-    """The training reward: extracted \\boxed{} content equal to any gold alias after
-    lower-casing and dropping whitespace and LaTeX/markdown formatting. With all_of, `answers` are
-    values that are all required (multi-value tasks): the comma-separated boxed items must be
-    exactly that set."""
-    if prediction is None:
+def _math_string(s: str) -> str:
+    """The math-answer string normalisation the release compares with (Hendrycks MATH's, cut short):
+    line breaks, \\!, doubled backslashes, tfrac/dfrac, \\left/\\right, degrees, \\$ and \\%,
+    a leading 0 before a bare decimal point, then every space."""
+    # \\% goes twice, as in the release: removing one can join a backslash and a % into another
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
+                     ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", ""),
+                     ("\\%", ""), ("\\%", ""), (" .", " 0."), ("{.", "{0."), (" ", "")):
+        s = s.replace(old, new)
+    return s
+
+
+def boxed_em(text, answers) -> float:
+    """The release's training reward, exactly: in the last 300 characters of the answer, lower-cased,
+    the last \\boxed{} (see _release_box), normalised by _math_string, equal to any lower-cased,
+    normalised gold answer. Formatting is not forgiven: \\boxed{Paris.}, \\boxed{\\text{Paris}} and
+    \\boxed{**Paris**} score 0 against "Paris"."""
+    if text is None:
         return 0.0
-    if all_of:
-        return float({_boxed_norm(p) for p in prediction.split(",")} == {_boxed_norm(a) for a in answers})
-    pred = _boxed_norm(prediction)
-    return float(bool(pred) and any(pred == _boxed_norm(a) for a in answers))
+    boxed = _release_box(text[-300:].lower())
+    if boxed is None:
+        return 0.0
+    golds = [answers] if isinstance(answers, str) else answers  # one gold answer given bare
+    return float(any(_math_string(boxed) == _math_string(a.lower()) for a in golds))
 
 
-SCORERS = dict(exact_match=exact_match, sub_em=sub_em, f1=f1, string_match_all=string_match_all,
-               string_match_part=string_match_part, boxed_em=boxed_em)
+# -----------------------------------------------------------------------------
+# the release's evaluation frame: the final turn ends with "Therefore, the answer is ..."
+
+# chat-template markers a decoded DeepSeek-R1 answer may still carry; the release drops them
+_R1_MARKERS = ("<\uff5cAssistant\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>")
 
 
-def score(sample: Sample, prediction) -> float:
-    return SCORERS[sample.meta["scorer"]](prediction, sample.answers)
+def extract_answer_is(text):
+    """The release's evaluation prediction: the text after the last "the answer is" (as written, lower
+    case), once everything up to the last </think> is dropped (the whole text again if nothing
+    follows it); asterisks removed, R1 markers and surrounding spaces and periods stripped. None
+    without that phrase."""
+    if text is None:
+        return None
+    text = text.strip()
+    after = text.split("</think>")[-1].strip()
+    text = (after or text).replace("*", "")
+    if "the answer is" not in text:
+        return None
+    answer = text.rsplit("the answer is", 1)[-1].strip()
+    for marker in _R1_MARKERS:
+        answer = answer.replace(marker, "")
+    return answer.strip().strip(".").strip()
+
+
+def answer_is_sub_em(text, answers) -> float:
+    """The release's RULER-HotpotQA score: the extracted answer and the first gold answer, SQuAD-
+    normalised, one inside the other; no (or an empty) extraction scores 0. As in the release, an
+    extraction that normalises to nothing ("?") is inside every gold and scores 1."""
+    pred = extract_answer_is(text)
+    if not pred or not answers:
+        return 0.0
+    pred, gold = normalize_answer(pred), normalize_answer(answers if isinstance(answers, str) else answers[0])
+    return float(gold in pred or pred in gold)
+
+
+def answer_is_string_match_all(text, answers) -> float:
+    """The release's RULER score for the synthetic tasks: string_match_all on the extracted answer."""
+    pred = extract_answer_is(text)
+    return round(string_match_all(pred, answers), 2) if pred else 0.0  # rounded per answer, as there
+
+
+def _on(extract, metric):
+    def scorer(text, answers):
+        pred = None if text is None else extract(text)
+        return metric(pred, answers) if pred else 0.0
+    return scorer
+
+
+# Every scorer reads the model's whole final answer. A metric's name reads the last \\boxed{} (the
+# boxed frame); answer_is_ + the name reads the text after "the answer is" (the release's evaluation
+# frame; its sub_em and string_match_all are the release's own, above).
+_METRICS = (exact_match, sub_em, f1, string_match_all, string_match_part)
+SCORERS = {**{m.__name__: _on(extract_boxed, m) for m in _METRICS},
+           **{"answer_is_" + m.__name__: _on(extract_answer_is, m) for m in _METRICS},
+           "answer_is_sub_em": answer_is_sub_em, "answer_is_string_match_all": answer_is_string_match_all,
+           "boxed_em": boxed_em}
+FRAMES = ("boxed", "answer_is")  # how the final turn states its answer; a scorer name per frame below
+
+
+def framed_scorer(name: str, frame: str) -> str:
+    """The SCORERS name that scores metric `name` under `frame`: the name itself in the boxed frame."""
+    if frame == "boxed" or name.startswith("answer_is_"):
+        return name
+    if "answer_is_" + name not in SCORERS:
+        raise ValueError(f"scorer {name!r} has no form for the {frame!r} frame")
+    return "answer_is_" + name
+
+
+def score(sample: Sample, text, frame: str = "boxed") -> float:
+    """The sample's scorer, in `frame`, on the model's whole final answer `text` (None: no answer, 0)."""
+    return SCORERS[framed_scorer(sample.meta["scorer"], frame)](text, sample.answers)

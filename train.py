@@ -207,15 +207,16 @@ def build_reference(cfg, device, fsdp):
 
 
 def build_optimizer(cfg, model, fsdp):
-    """AdamW (no decay on norms and biases) and a warm-up, stable, cool-down LR schedule."""
+    """AdamW (no decay on norms and biases unless decay_all) and a warm-up, stable, cool-down LR schedule."""
     o = cfg.optim
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2 or o.decay_all]
+    rest = [p for p in model.parameters() if p.dim() < 2 and not o.decay_all]
+    first = 0 if o.warmup_from_zero else 1
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                              {"params": rest, "weight_decay": 0.0}],
                             lr=o.lr, betas=(o.beta1, o.beta2), foreach=not fsdp)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps),
+        opt, lambda s: min(1.0, (s + first) / max(1, o.warmup_steps),
                            (cfg.steps - s) / o.cooldown_steps if o.cooldown_steps else 1.0))
     return opt, sched
 
@@ -265,11 +266,19 @@ class Questions:
     def __init__(self, cfg: Config, tok):
         self.cfg, self.tok = cfg, tok
         self.samples = load_task_source(cfg.data.tasks, tok, cfg.data.hotpot_docs, cfg.seed)
+        if self.samples is not None and cfg.data.max_questions:
+            self.samples = self.samples[:cfg.data.max_questions]
         if self.samples is None:
             self.names = cfg.data.tasks.split(",")
             self.lengths = [tasks.parse_length(x) for x in cfg.data.lengths.split(",")]
 
     def get(self, i):
+        sample = self._get(i)
+        if self.cfg.data.max_chunks:
+            return centre_truncated(sample, self.tok, self.cfg.data.max_chunks * self.cfg.agent.chunk_tokens)
+        return sample
+
+    def _get(self, i):
         if self.samples is not None:
             epoch, j = divmod(i, len(self.samples))
             if not self.cfg.data.shuffle:
@@ -279,6 +288,15 @@ class Questions:
         task = self.names[i % len(self.names)]
         length = self.lengths[i // len(self.names) % len(self.lengths)]
         return tasks.TASKS[task](length, self.tok, seed=self.cfg.seed, index=i)
+
+
+def centre_truncated(sample, tok, max_tokens):
+    """The release's training contexts: the document as token ids, its first and last max_tokens // 2
+    ids kept when it is longer than max_tokens."""
+    ids = [i for piece in document_tokens(sample.document, tok) for i in piece]
+    if len(ids) > max_tokens:
+        ids = ids[:max_tokens // 2] + ids[len(ids) - max_tokens // 2:]
+    return dataclasses.replace(sample, document=ids)
 
 
 def teacher_rows(sample, agent, tok, direct=False):
@@ -292,7 +310,7 @@ def teacher_rows(sample, agent, tok, direct=False):
         return []  # a needle cut by a chunk boundary: no memory could hold it whole, so no ideal trace
     problem = tok.encode(sample.question)
     stream = ChunkStream(document_tokens(sample.document, tok), C, 1)
-    end, rows, memory = [tok.end_of_turn_id], [], []
+    end, rows, memory = [tok.end_of_turn_id], [], None
     for kept in tasks.ideal_memory_trace(sample, C):
         chunk = stream.next(0)
         target = tok.encode(" ".join(kept))
@@ -454,10 +472,20 @@ def make_engine(cfg, model, fsdp, step):
 
 
 def reward(kind, sample, traj):
-    """boxed_em: the paper's exact match of the last \\boxed{}; sample: the sample's own scorer."""
+    """boxed_em: the release's reward (tasks.boxed_em); sample: the sample's own scorer."""
     if kind == "sample":
-        return tasks.score(sample, traj.answer)
-    return tasks.boxed_em(traj.answer, sample.answers, all_of=sample.meta.get("scorer") == "string_match_all")
+        return tasks.score(sample, traj.answer_text)
+    return tasks.boxed_em(traj.answer_text, sample.answers)
+
+
+def mini_batch_order(trajs, shuffle, seed):
+    """The order of the trajectories' rows (one per conversation, trajectory by trajectory) that the
+    mini-batches cut into contiguous slices: seeded at random, or the release's batch order (every
+    trajectory's first memory update, then every second one, ..., the final answers last)."""
+    turns = [(1, 0) if c.is_final else (0, c.turn) for t in trajs for c in t.conversations]
+    if shuffle:
+        return np.random.default_rng(seed).permutation(len(turns))
+    return np.array(sorted(range(len(turns)), key=turns.__getitem__), dtype=np.int64)
 
 
 def shaped_rewards(cfg, reward_fn, sample, group):
@@ -489,7 +517,7 @@ def rollout_metrics(seen, kept=()):
         by_task[key] = by_task.get(key, 0) + 1
     return by_task | {
         "reward": sum(r for _, _, rs in seen for r in rs), "trajectories": len(trajs),
-        "accuracy": sum(tasks.score(s, t.answer) for s, g, _ in seen for t in g),
+        "accuracy": sum(tasks.score(s, t.answer_text) for s, g, _ in seen for t in g),
         "memory_len": sum(len(c.response_ids) for c in memories), "memory_updates": len(memories),
         "memory_capped": sum(c.finish_reason == "length" for c in memories),
         "answer_len": sum(len(t.conversations[-1].response_ids) for t in answers if t.conversations),
@@ -570,7 +598,12 @@ class Trainer:
                 questions = self.next_questions(want)
                 trajs = agent.run([s for _, s in questions], n=cfg.rl.n, params=params)
                 groups = [trajs[j * cfg.rl.n:(j + 1) * cfg.rl.n] for j in range(len(questions))]
-                return [((i, s, g), shaped_rewards(cfg, self.reward_fn, s, g)) for (i, s), g in zip(questions, groups)]
+                out = []  # ((index, sample, trajectories, rewards), what dynamic sampling judges)
+                for (i, s), g in zip(questions, groups):
+                    rewards = shaped_rewards(cfg, self.reward_fn, s, g)
+                    judged = rewards if cfg.rl.filter_by == "reward" else [float(self.reward_fn(s, t)) for t in g]
+                    out.append(((i, s, g, rewards), judged))
+                return out
 
             count = lambda kept: all_sum({"kept": len(kept)}, self.device)["kept"]
             kept, seen, rounds = dapo.sample_groups(generate, want, cfg.rl.max_rounds, cfg.rl.dynamic_sampling,
@@ -578,15 +611,18 @@ class Trainer:
             stats = dict(prefill_tokens=engine.stats["prefill_tokens"], prefix_cache_tokens=engine.blocks.cache_hits)
         # keep the `want` kept groups of the earliest questions of the run, whichever rank holds them:
         # every rank agrees on the batch, and no rank's share (its tasks, its lengths) is cut first
-        mine = [i for (i, _, _), _ in kept]
+        mine = [i for (i, _, _, _), _ in kept]
         every = [mine] if not dist.is_initialized() else [None] * self.world
         if dist.is_initialized():
             dist.all_gather_object(every, mine)
         chosen = set(sorted(i for ids in every for i in ids)[:want])
         total, kept = sum(map(len, every)), [grp for grp in kept if grp[0][0] in chosen]
+        if cfg.rl.dynamic_sampling and cfg.rl.out_of_rounds == "error" and total < want:  # every rank alike
+            raise RuntimeError(f"{rounds} generation rounds (rl.max_rounds) gave {total} informative groups of "
+                               f"the {want} a step needs; stopping, as rl.out_of_rounds=error asks")
         stats.update(kept_groups=len(chosen), rounds=rounds, rollout_s=time.perf_counter() - t0,
                      dropped_groups=all_sum({"d": len(seen) - len(kept)}, self.device)["d"] - (total - len(chosen)))
-        as_triples = lambda groups: [(s, g, r) for (_, s, g), r in groups]
+        as_triples = lambda groups: [(s, g, r) for (_, s, g, r), _ in groups]
         return as_triples(kept), as_triples(seen), stats
 
     def rl_step(self):
@@ -598,7 +634,7 @@ class Trainer:
         groups = [i for i, (_, g, _) in enumerate(kept) for _ in g]
         adv = dapo.group_advantages([r for _, _, rs in kept for r in rs], groups, norm_by_std=cfg.rl.norm_by_std)
         rows = dapo.rows_from_trajectories(trajs, adv.tolist())
-        order = np.random.default_rng([cfg.seed, self.step]).permutation(len(rows))
+        order = mini_batch_order(trajs, cfg.rl.shuffle_mini_batches, [cfg.seed, self.step])
         mini = [self.learner.micro_batches([rows[i] for i in part])
                 for part in np.array_split(order, cfg.rl.mini_batches)]
         m = {}
@@ -638,7 +674,8 @@ class Trainer:
         return m
 
     def validate(self):
-        """Held-out accuracy with the live policy, each rank a share of the questions; by task too."""
+        """Held-out accuracy (by rl.reward, as the release validates with its reward) with the live policy,
+        each rank a share of the questions; by task too."""
         e = self.cfg.eval
         share = self.held_out[self.rank::self.world]
         self.model.eval()
@@ -651,7 +688,7 @@ class Trainer:
         for i, t in enumerate(trajs):
             s = share[i // e.n]
             for key in ("val_accuracy", f"val_accuracy/{s.meta.get('task', 'data')}"):
-                sums[key] = sums.get(key, 0.0) + tasks.score(s, t.answer)
+                sums[key] = sums.get(key, 0.0) + reward(self.cfg.rl.reward, s, t)
                 sums[key + "/n"] = sums.get(key + "/n", 0) + 1
         sums = all_sum(sums, self.device)
         return {k: v / sums[k + "/n"] for k, v in sums.items() if not k.endswith("/n")}

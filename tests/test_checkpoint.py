@@ -29,7 +29,7 @@ def test_shipped_agent_finds_the_needle(name):
     samples = make_samples("niah_single", 512, tok, num=12, seed=1)  # 4 chunks each
     trajectories = agent.run(samples, params=SamplingParams(temperature=0.0))
     assert [t.error for t in trajectories] == [None] * 12
-    right = [score(s, t.answer) == 1.0 for s, t in zip(samples, trajectories)]
+    right = [score(s, t.answer_text) == 1.0 for s, t in zip(samples, trajectories)]
     assert sum(right) >= 10, [t.answer_text for t in trajectories]
 
 
@@ -47,5 +47,5 @@ def test_shipped_multihop_agent_scores_above_its_bar(name, bar):
         samples = make_samples(task, 512, tok, num=24, seed=1)
         trajectories = agent.run(samples, params=SamplingParams(temperature=0.0))
         assert [t.error for t in trajectories] == [None] * 24
-        total += sum(score(s, t.answer) for s, t in zip(samples, trajectories))
+        total += sum(score(s, t.answer_text) for s, t in zip(samples, trajectories))
     assert total >= bar, total

@@ -182,16 +182,27 @@ def test_closed_book_keeps_only_the_questions_the_model_cannot_answer(tmp_path, 
         (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     kept_records, questions = ev.question_file(kind, tmp_path / "qa.jsonl")
     engine = Oracle(known)
-    answered, failed = ev.closed_book(engine, TOK, ORACLE_AGENT, questions, ev.SamplingParams(temperature=0.0), n=2)
+    answered, failed = ev.closed_book(engine, TOK, questions, ev.SamplingParams(temperature=0.0), n=2)
     assert answered == [False, True, True, False] and failed == 0 and kept_records == records
-    assert all("<section>" not in p and "No previous memory." in p for p in engine.prompts)  # no document
+    assert all("<section>" not in p and "<memory>" not in p and "\\boxed{}" in p for p in engine.prompts)
+    assert len(engine.prompts) == 8  # two answers to each question
+
+    class Chatty(Oracle):  # the gold anywhere in an answer, boxed or not, drops the question too
+        def reply(self, rid, prompt, params):
+            text = TOK.decode(prompt)
+            reply = {"lamp 0?": "it may be in Room 0 I think", "lamp 3?": "\\boxed{Room 3.}"}
+            said = next((r for q, r in reply.items() if q in text), "\\boxed{nowhere}")
+            ids = TOK.encode(said) + [1]
+            return Completion(ids, [0.0] * len(ids), "stop", None, rid)
+    answered, _ = ev.closed_book(Chatty({}), TOK, questions, ev.SamplingParams(), n=1)
+    assert answered == [True, False, False, True]
 
     class Refusing(Oracle):  # every rollout of question 3 fails, as a prompt too long for the window would
         def step(self):
             start, out = len(self.prompts), super().step()
             return [Completion([], [], "error", "too long", c.request_id) if "lamp 3?" in p else c
                     for c, p in zip(out, self.prompts[start:])]
-    answered, failed = ev.closed_book(Refusing(known), TOK, ORACLE_AGENT, questions, ev.SamplingParams(), n=2)
+    answered, failed = ev.closed_book(Refusing(known), TOK, questions, ev.SamplingParams(), n=2)
     assert answered == [False, True, True, None] and failed == 2  # a failure is not "unanswerable"
 
 
@@ -275,6 +286,72 @@ def test_protocol_memagent_is_the_release_evaluation():
     args = ev.parser().parse_args(["--model", "m"])
     ev.resolve_protocol(ev.parser(), args)
     assert (args.temperature, args.top_p, args.samples, args.n, args.lengths) == (0.0, 1.0, 64, 1, "8k")
+    assert args.frame == "boxed"
+    # the release's final turn asks for "Therefore, the answer is ..."; the boxed frame is one flag away
+    args = ev.parser().parse_args(["--model", "m", "--protocol", "memagent"])
+    ev.resolve_protocol(ev.parser(), args)
+    assert args.frame == "answer_is"
+    args = ev.parser().parse_args(["--model", "m", "--protocol", "memagent", "--frame", "boxed"])
+    ev.resolve_protocol(ev.parser(), args)
+    assert args.frame == "boxed" and args.temperature == 0.7
+    args = ev.parser().parse_args(["--model", "m", "--closed-book", "out.jsonl"])
+    ev.resolve_protocol(ev.parser(), args)
+    assert (args.n, args.temperature, args.top_p, args.samples) == (2, 1.0, 0.7, None)  # the release's filter
+
+
+def test_protocol_ruler_and_essay_tasks(tmp_path):
+    args = ev.parser().parse_args(["--model", "m", "--protocol", "ruler"])
+    ev.resolve_protocol(ev.parser(), args)
+    assert args.lengths == "8k,16k,32k,64k,128k,256k,512k" and (args.samples, args.frame) == (128, "answer_is")
+    (tmp_path / "essay.txt").write_text("One sentence. Another one.")
+    cells = ev.plan([f"niah_single_2:{tmp_path / 'essay.txt'}", "niah_multikey_2"], ["1k"])
+    assert cells == [("niah_single_2", "niah_single_2", str(tmp_path / "essay.txt"), 1024),
+                     ("niah_multikey_2", "niah_multikey_2", None, 1024)]
+    for spec, match in (("niah_single_2", "reads its haystack from a text file"),
+                        (f"niah_single_2:{tmp_path / 'no.txt'}", "no such file"),
+                        (f"niah_single_1:{tmp_path / 'essay.txt'}", "unknown task")):
+        with pytest.raises(ValueError, match=match):
+            ev.plan([spec], ["1k"])
+    assert set(ev.RULER_TASKS) <= set(ev.TASKS) | set(ev.RULER_QA)
+
+
+def test_ruler_qa_cells_run_and_score(tmp_path):
+    from test_tasks import squad_file
+    path = squad_file(tmp_path, articles=2, paragraphs=2)
+    assert ev.plan([f"qa_1:{path}"], ["300", "1k"]) == [("qa_1", "qa_1", str(path), 300),
+                                                        ("qa_1", "qa_1", str(path), 1024)]
+    known = {"What colour is item 01?": "Blue"}
+    res = ev.evaluate(None, TOK, [f"qa_1:{path}"], ["300"], 4, ORACLE_AGENT, engine=SaysTheAnswerIs(known),
+                      frame="answer_is")
+    assert [p["score"] for p in res["predictions"]] == [0.0, 1.0, 0.0, 0.0]
+    assert res["results"][0]["doc_tokens"] <= 300 and res["results"][0]["task"] == "qa_1"
+
+
+class SaysTheAnswerIs(Oracle):
+    """Answers as the release's evaluation asks: "Therefore, the answer is ..." when the prompt asks for it."""
+
+    def reply(self, rid, prompt, params):
+        text = TOK.decode(prompt)
+        if "<section>" in text or "the answer is" not in text:
+            return super().reply(rid, prompt, params)
+        problem = re.search(r"<problem>\n(.*?)\n</problem>", text, re.S).group(1)
+        ids = TOK.encode(f"Therefore, the answer is {self.known.get(problem, 'unknown')}.") + [1]
+        return Completion(ids, [0.0] * len(ids), "stop", None, rid)
+
+
+@pytest.mark.parametrize("mode", ["agent", "direct"])
+def test_answer_is_frame_asks_and_scores_as_the_release(tmp_path, mode):
+    _, known = qa_file(tmp_path / "qa.jsonl", 3, known=("q1",))
+    task = [f"jsonl:{tmp_path / 'qa.jsonl'}"]
+    engine = SaysTheAnswerIs(known)
+    res = ev.evaluate(None, TOK, task, ["1"], 3, ORACLE_AGENT, mode=mode, engine=engine, frame="answer_is")
+    assert [(p["answer"], p["score"]) for p in res["predictions"]] == [("unknown", 0.0), ("room 1", 1.0),
+                                                                      ("unknown", 0.0)]
+    assert res["config"]["frame"] == "answer_is"
+    assert all("\\boxed" not in p for p in engine.prompts if "<section>" not in p)
+    # the same model asked for a box: the boxed frame and its scorer
+    res = ev.evaluate(None, TOK, task, ["1"], 3, ORACLE_AGENT, mode=mode, engine=SaysTheAnswerIs(known))
+    assert [p["score"] for p in res["predictions"]] == [0.0, 1.0, 0.0] and res["predictions"][1]["answer"] == "room 1"
 
 
 def test_cli_reads_agent_json_then_reports_from_saved_results(checkpoint, tmp_path, monkeypatch, capsys):

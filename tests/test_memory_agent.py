@@ -13,10 +13,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from memory_agent import AgentConfig, ChunkStream, MemoryAgent, document_tokens, extract_boxed, main
+from memory_agent import AgentConfig, ChunkStream, MemoryAgent, document_tokens, main
 from rollout import Completion, Engine, SamplingParams
 from stub_engine import QueueEngine
-from tasks import Sample, make_samples, score
+from tasks import Sample, extract_boxed, make_samples, score
 
 
 class CharTokenizer:
@@ -81,7 +81,7 @@ def test_scripted_policy_answers_needles_at_every_length(length):
         assert t.error is None and t.tokens_read == doc_tokens
         assert len(t.conversations) == -(-doc_tokens // 1500) + 1  # ceil(L / chunk) + 1
         assert t.conversations[-1].is_final and not any(c.is_final for c in t.conversations[:-1])
-        assert score(s, t.answer) == 1.0, (t.answer, s.answers)
+        assert score(s, t.answer_text) == 1.0, (t.answer, s.answers)
 
 
 def test_chunks_are_exact_slices_and_prompts_fit():
@@ -152,7 +152,7 @@ def test_bad_input_fails_one_sample_and_the_rest_go_on(tmp_path):
     assert empty.error is None and len(empty.conversations) == 1 and empty.conversations[0].is_final
     assert "long-q" in long_q.error and "question_tokens=100" in long_q.error
     assert "bad.txt" in binary.error and "UTF-8" in binary.error
-    assert score(good, ok.answer) == 1.0
+    assert score(good, ok.answer_text) == 1.0
 
 
 def test_with_the_real_engine_and_section_first_prefix_sharing():
@@ -241,6 +241,42 @@ def test_any_template_renders_every_prompt_or_is_refused_by_key(template, tmp_pa
         assert all(",".join(map(str, p)) in text for p in parts)  # every placeholder was filled
 
 
+class Forgetful(QueueEngine):
+    """Writes an empty memory after every section and answers from whatever memory it is shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.memories = []
+
+    def reply(self, rid, prompt, params):
+        text = TOK.decode(prompt)
+        self.memories.append(re.search(r"<memory>\n(.*?)\n</memory>", text, re.S).group(1))
+        ids = ([] if "<section>" in text else TOK.encode("\\boxed{x}")) + [1]
+        return Completion(ids, [0.0] * len(ids), "stop", None, rid)
+
+
+@pytest.mark.parametrize("keep, shown", [(False, "No previous memory."), (True, "")])
+def test_an_empty_memory_the_model_writes_is_kept_empty_when_asked(keep, shown):
+    engine = Forgetful()
+    agent = MemoryAgent(engine, TOK, replace(SMALL, chunk_tokens=40, keep_empty_memory=keep))
+    (t,) = agent.run([Sample("s", "Q?", "x" * 100, ["x"])])
+    assert t.memories == ["", "", ""] and t.answer == "x"
+    # the first turn has read nothing yet: the placeholder either way (as the release shows it)
+    assert engine.memories == ["No previous memory.", shown, shown, shown]
+
+
+def test_a_template_file_brings_its_own_answer_is_wording(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"update": "U {problem}|{memory}|{section}", "final": "F {problem}|{memory}",
+                                "final_answer_is": "A {problem}|{memory}"}))
+    for frame, head in (("boxed", "F "), ("answer_is", "A ")):
+        agent = MemoryAgent(None, TOK, AgentConfig(template=str(path)), frame=frame)
+        assert TOK.decode(agent.prompt(TOK.encode("q"), None)) == f"<user>\n{head}q|No previous memory.\n<assistant>\n"
+    built_in = MemoryAgent(None, TOK, AgentConfig(), frame="answer_is")
+    assert "Therefore, the answer is" in TOK.decode(built_in.prompt(TOK.encode("q"), TOK.encode("m")))
+    assert "Therefore, the answer is" in TOK.decode(built_in.direct_prompt(Sample("s", "q", "doc", []), 10 ** 4))
+
+
 def _breaks_after(text, error):
     def pieces():
         yield text[:1000]
@@ -300,7 +336,7 @@ def test_an_escaping_exception_leaves_the_engine_clean(how):
     again = agent.run(samples, n=2)
     fresh = MemoryAgent(ScriptedEngine(TOK), TOK, SMALL).run(samples, n=2)
     assert [(t.answer, t.memories) for t in again] == [(t.answer, t.memories) for t in fresh]
-    assert all(score(s, t.answer) == 1.0 for s, t in zip([samples[0]] * 2 + [samples[1]] * 2, again))
+    assert all(score(s, t.answer_text) == 1.0 for s, t in zip([samples[0]] * 2 + [samples[1]] * 2, again))
 
 
 def test_quickstart_reads_one_document_with_the_checkpoints_settings(tmp_path, capsys):

@@ -5,7 +5,10 @@ the JSONL loader and the scorers."""
 import io
 import json
 import math
+import os
+import random
 import re
+import tempfile
 import time
 from collections import Counter
 from dataclasses import replace
@@ -37,12 +40,30 @@ def true_tokens(sample, tok):
     return [t for piece in tasks.document_pieces(sample) for t in tok.encode(piece)]
 
 
+ESSAY_TEXT = ("Small towns grow slowly. A river ran past the mill for a century! Who built the bridge? "
+              "Nobody remembers now.\n\nThe market opened at dawn and closed at noon. ") * 3
+
+
+ESSAY = os.path.join(tempfile.mkdtemp(prefix="essay"), "essay.txt")  # the file tasks.SOURCED read
+with open(ESSAY, "w") as _f:
+    _f.write(ESSAY_TEXT)
+
+
 @pytest.fixture(scope="module")
-def spm():
+def essay():
+    return ESSAY
+
+
+def samples_of(task, length, tok, num, seed, essay):
+    return tasks.make_samples(task, length, tok, num, seed=seed, source=essay if task in tasks.SOURCED else None)
+
+
+@pytest.fixture(scope="module")
+def spm(essay):
     sentencepiece = pytest.importorskip("sentencepiece")
     lines = []
     for name in tasks.TASKS:
-        sample = tasks.make_samples(name, 2000, WordTokenizer(), 1, seed=7)[0]
+        sample = samples_of(name, 2000, WordTokenizer(), 1, 7, essay)[0]
         lines += tasks.document_text(sample).split(". ")
     model = io.BytesIO()
     # whitespace kept as written and a dummy prefix on every encode call: per-piece encoding
@@ -77,7 +98,7 @@ def test_fit_is_exact_and_below_target(task, tok):
 def check_fit(task, tok):
     for length in ["1k", "8k", 20000]:
         target = parse_length(length)
-        sample = tasks.make_samples(task, length, tok, 2, seed=3)[1]
+        sample = samples_of(task, length, tok, 2, 3, ESSAY)[1]
         pieces = list(tasks.document_pieces(sample))
         counts = [len(tok.encode(p)) for p in pieces]
         assert sum(counts) == sample.meta["doc_tokens"] <= target
@@ -98,7 +119,7 @@ def test_needles_offsets_and_answers(task):
 
 def check_needles(task):
     spec, tok = tasks.TASKS[task], ByteTokenizer()
-    sample = tasks.make_samples(task, "4k", tok, 1, seed=11)[0]
+    sample = samples_of(task, "4k", tok, 1, 11, ESSAY)[0]
     ids = true_tokens(sample, tok)
     relevant = [r for r in sample.meta["needles"] if r["relevant"]]
     for r in sample.meta["needles"]:
@@ -119,9 +140,10 @@ def test_scorer_rewards_the_gold_answer_only(task):
 
 
 def check_scorer(task):
-    a, b = tasks.make_samples(task, "2k", WordTokenizer(), 2, seed=13)
-    assert tasks.score(a, ", ".join(a.answers)) == 1.0
-    assert tasks.score(a, None) == 0.0 and tasks.score(a, ", ".join(b.answers)) < 1.0
+    a, b = samples_of(task, "2k", WordTokenizer(), 2, 13, ESSAY)
+    boxed = lambda answers: "\\boxed{" + ", ".join(answers) + "}"  # the boxed frame reads the last box
+    assert tasks.score(a, boxed(a.answers)) == 1.0
+    assert tasks.score(a, None) == 0.0 and tasks.score(a, boxed(b.answers)) < 1.0
 
 
 def test_task_details():
@@ -156,15 +178,15 @@ def test_deterministic(task):
 
 def check_deterministic(task):
     tok = WordTokenizer()
-    a, b = tasks.make_samples(task, "4k", tok, 3, seed=9), tasks.make_samples(task, "4k", tok, 3, seed=9)
+    a, b = samples_of(task, "4k", tok, 3, 9, ESSAY), samples_of(task, "4k", tok, 3, 9, ESSAY)
     for x, y in zip(a, b):
         assert (x.id, x.question, x.answers, x.meta) == (y.id, y.question, y.answers, y.meta)
         assert list(x.document()) == list(y.document()) == list(x.document())  # re-iterable
     assert len({x.question + str(x.answers) for x in a}) == 3
-    other = tasks.make_samples(task, "4k", tok, 1, seed=10)[0]
+    other = samples_of(task, "4k", tok, 1, 10, ESSAY)[0]
     assert (other.question, other.answers) != (a[0].question, a[0].answers)
     # the same index asks the same question at every length
-    longer = tasks.make_samples(task, "16k", tok, 1, seed=9)[0]
+    longer = samples_of(task, "16k", tok, 1, 9, ESSAY)[0]
     assert (longer.question, longer.answers) == (a[0].question, a[0].answers)
 
 
@@ -197,14 +219,14 @@ def test_a_task_added_in_its_generator_and_registry_alone_passes_the_task_checks
 def test_noise_cycle_starts_at_a_seeded_sentence():
     # short training documents must meet the filler cycle at every phase against the chunks
     for task in ["niah_single", "vt", "passkey", "two_hop"]:
-        firsts = {next(iter(s.document())) for s in tasks.make_samples(task, 512, WordTokenizer(), 32)}
+        firsts = {next(iter(s.document())) for s in samples_of(task, 512, WordTokenizer(), 32, 0, ESSAY)}
         assert firsts <= set(tasks.NOISE) and len(firsts) >= 6
 
 
 def test_haystacks_hold_no_key_words():
     key_words = set(tasks.ADJECTIVES) | set(tasks.NOUNS)
     for task in ["niah_single", "niah_single_words"]:
-        s = tasks.make_samples(task, "16k", WordTokenizer(), 1)[0]
+        s = samples_of(task, "16k", WordTokenizer(), 1, 0, ESSAY)[0]
         text = tasks.document_text(s)
         for r in s.meta["needles"]:
             text = text.replace(r["text"], "")
@@ -214,14 +236,14 @@ def test_haystacks_hold_no_key_words():
 def test_ideal_memory_trace():
     tok = WordTokenizer()
     for task in ["niah_multikey", "niah_multiquery", "vt"]:
-        s = tasks.make_samples(task, "16k", tok, 1, seed=4)[0]
+        s = samples_of(task, "16k", tok, 1, 4, ESSAY)[0]
         trace = tasks.ideal_memory_trace(s, 1000)
         assert len(trace) == math.ceil(s.meta["doc_tokens"] / 1000)
         assert all(set(a) <= set(b) for a, b in zip(trace, trace[1:]))
         relevant = [r for r in s.meta["needles"] if r["relevant"]]
         assert sorted(trace[-1]) == sorted(r["text"] for r in relevant)
         # a reader keeping exactly the ideal memory answers correctly
-        assert tasks.score(s, " ".join(trace[-1])) == 1.0
+        assert tasks.score(s, "\\boxed{" + " ".join(trace[-1]) + "}") == 1.0
         for r in relevant:
             first = (r["offset"] + r["tokens"] - 1) // 1000
             assert r["text"] in trace[first] and (first == 0 or r["text"] not in trace[first - 1])
@@ -249,18 +271,19 @@ def test_check_length_minimum_is_exact(task, tok):
 
 def check_minimum(task, tok):
     # the minimum the error names is the smallest length at which the whole cell builds
+    source = ESSAY if task in tasks.SOURCED else None
     with pytest.raises(ValueError, match=f"{task}: length 10 is too short") as e:
-        tasks.make_samples(task, 10, tok, 3, seed=2)
+        tasks.make_samples(task, 10, tok, 3, seed=2, source=source)
     minimum = int(str(e.value).split("at least ")[1].split()[0])
-    assert tasks.check_length(task, minimum, tok, 3, seed=2) == minimum
-    assert len(tasks.make_samples(task, minimum, tok, 3, seed=2)) == 3
+    assert tasks.check_length(task, minimum, tok, 3, seed=2, source=source) == minimum
+    assert len(tasks.make_samples(task, minimum, tok, 3, seed=2, source=source)) == 3
     with pytest.raises(ValueError, match=f"{task}: length {minimum - 1} is too short; .* at least {minimum} "):
-        tasks.check_length(task, minimum - 1, tok, 3, seed=2)
+        tasks.check_length(task, minimum - 1, tok, 3, seed=2, source=source)
     # one of the three samples is what needs the minimum: it fails alone one token below
     fails = 0
     for i in range(3):
         try:
-            tasks.TASKS[task](minimum - 1, tok, seed=2, index=i)
+            tasks.TASKS[task](minimum - 1, tok, 2, i, source)
         except ValueError:
             fails += 1
     assert fails >= 1
@@ -312,7 +335,7 @@ def test_two_hop_questions():
         assert not (set(tasks.PEOPLE) | set(tasks.PLACES)) & set(text.replace(".", "").split())
         orders[link["offset"] < home["offset"]] += 1
         split += link["offset"] // chunk != home["offset"] // chunk
-        assert tasks.score(s, place) == 1.0 and tasks.score(s, places[1]) == 0.0
+        assert tasks.score(s, f"\\boxed{{{place}}}") == 1.0 and tasks.score(s, f"\\boxed{{{places[1]}}}") == 0.0
     assert orders[True] >= 8 and orders[False] >= 8  # the two facts come in either order
     assert split >= 20  # and usually in different chunks
 
@@ -358,7 +381,7 @@ def test_million_token_document_is_fast():
 
 def test_sentencepiece_fit_and_offsets(spm):
     for task in ["niah_single_words", "niah_multikey", "vt", "fwe"]:
-        s = tasks.make_samples(task, "4k", spm, 1, seed=1)[0]
+        s = samples_of(task, "4k", spm, 1, 1, ESSAY)[0]
         ids = true_tokens(s, spm)
         assert len(ids) == s.meta["doc_tokens"] and 0.98 * 4096 <= len(ids) <= 4096
         for r in s.meta["needles"]:
@@ -425,8 +448,9 @@ def test_hotpotqa_release_contexts(tmp_path):
         assert s.meta["scorer"] == "sub_em" and s.meta["context"] == "release"
         assert s.meta["gold_titles"] == [f"Gold {s.id[1:]}-0", f"Gold {s.id[1:]}-1"]
         assert s.meta["supporting"] == [f"Gold fact 0 of {s.id[1:]}.", f"More gold {s.id[1:]}-1."]
-        own_places |= {k for k, t in enumerate(titles) if t in own}
-    assert len(own_places) > 20  # own paragraphs are placed anywhere among the 30, not first
+        own_places.add(tuple(k for k, t in enumerate(titles) if t in own))
+    # the release's placement: the same slots for every question, not the first ones
+    assert len(own_places) == 1 and own_places != {tuple(range(10))}
 
 
 def test_hotpotqa_seeds_sizes_and_subsets(tmp_path):
@@ -439,13 +463,23 @@ def test_hotpotqa_seeds_sizes_and_subsets(tmp_path):
     other = tasks.load_hotpotqa(path, num_docs=30, seed=2)
     assert all(a != b for a, b in zip(text(samples), text(other)))
     assert any(titles(a) != titles(b) for a, b in zip(samples, other))  # a different fill, not only order
-    # the fill at 15 documents is part of the fill at 30
-    for a, b in zip(tasks.load_hotpotqa(path, num_docs=15, seed=1), samples):
-        assert len(titles(a)) == 15 and titles(a) <= titles(b)
+    # the filler is drawn for each document count apart, not nested
+    fewer = tasks.load_hotpotqa(path, num_docs=15, seed=1)
+    assert all(len(titles(a)) == 15 for a in fewer) and any(not titles(a) <= titles(b) for a, b in zip(fewer, samples))
+    # the question's own paragraphs, in the order of its context, go where the release's fixed shuffle
+    # (random.Random(4) over the slots) sends the first entries of the list
+    for n in (15, 30):
+        order = list(range(n))
+        random.Random(4).shuffle(order)
+        for s, item in zip(tasks.load_hotpotqa(path, num_docs=n, seed=1), hotpot_items()):
+            docs = parse_docs(tasks.document_text(s))
+            assert [docs[k][0] for k in range(n) if order[k] < 10] == [item["context"][order[k]][0]
+                                                                        for k in range(n) if order[k] < 10]
+    # num_samples: the file's first questions, as the release takes its first 128
     subset = tasks.load_hotpotqa(path, num_docs=30, num_samples=5, seed=1)
-    assert len(subset) == 5 and len({s.id for s in subset}) == 5
-    for s in subset:
-        assert tasks.document_text(s) == tasks.document_text(samples[int(s.id[1:])])
+    assert [s.id for s in subset] == ["q0", "q1", "q2", "q3", "q4"]
+    assert [tasks.document_text(s) for s in subset] == text(samples[:5])
+    assert len(tasks.load_hotpotqa(path, num_docs=30, num_samples=50)) == 12
 
 
 def test_hotpotqa_json_and_jsonl_agree(tmp_path):
@@ -532,7 +566,7 @@ def test_load_jsonl(tmp_path):
     a, b = tasks.load_jsonl(path)
     assert (a.id, a.question, a.document, a.answers) == ("a", "Q?", "Long text.", ["x", "y"])
     assert (b.id, b.answers, b.meta["line"], b.meta["scorer"]) == ("7", ["z"], 4, "sub_em")
-    assert tasks.document_text(b) == "More." and tasks.score(b, "it is Z") == 1.0
+    assert tasks.document_text(b) == "More." and tasks.score(b, "\\boxed{it is Z}") == 1.0
 
 
 @pytest.mark.parametrize("line,message", [
@@ -603,24 +637,173 @@ def test_string_match():
     assert tasks.string_match_part(None, golds) == 0.0
 
 
-def test_boxed_em():
-    assert tasks.boxed_em(" New  York ", ["new york"]) == 1.0
-    assert tasks.boxed_em("\\text{New York}.", ["NYC", "New York"]) == 1.0
-    assert tasks.boxed_em("**Paris**", ["paris"]) == 1.0
-    assert tasks.boxed_em("Paris, France", ["Paris"]) == 0.0
-    # multi-value answers: every value, nothing else, in any order
-    assert tasks.boxed_em("4455667, 1234567", ["1234567", "4455667"], all_of=True) == 1.0
-    assert tasks.boxed_em("1234567", ["1234567", "4455667"], all_of=True) == 0.0
-    assert tasks.boxed_em("1234567, 4455667, 9", ["1234567", "4455667"], all_of=True) == 0.0
-    assert tasks.boxed_em("", ["Paris"]) == 0.0 and tasks.boxed_em(None, ["Paris"]) == 0.0
-    assert tasks.boxed_em("Zürich", ["ZÜRICH"]) == 1.0
-    assert tasks.boxed_em("50\\%", ["50%"]) == 1.0 and tasks.boxed_em("$\\mathrm{H_2O}$", ["h2o"]) == 1.0
+def test_boxed_em_is_the_release_reward():
+    """The last \\boxed{} of the answer's final 300 characters, lower-cased, math-string normalised,
+    equal to a gold answer; formatting is not forgiven and a malformed box scores 0."""
+    golds = ["Paris"]
+    assert tasks.boxed_em("It is \\boxed{Paris}.", golds) == 1.0
+    assert tasks.boxed_em("\\boxed{PARIS}", ["paris"]) == 1.0  # both sides lower-cased
+    assert tasks.boxed_em("\\boxed{ New York }", ["new york"]) == 1.0  # every space dropped
+    for text in ("\\boxed{Paris.}", "\\boxed{\\text{Paris}}", "\\boxed{**Paris**}", "Paris", "\\boxed{Paris",
+                 "\\fbox{Paris}", "\\boxed\\text{Paris}", "\\boxed{Paris, France}", "", None):
+        assert tasks.boxed_em(text, golds) == 0.0, text
+    assert tasks.boxed_em("\\boxed{Lyon} or rather \\boxed{Paris}", golds) == 1.0  # the last box
+    assert tasks.boxed_em("\\boxed{Paris} or rather \\boxed{Lyon}", golds) == 0.0
+    assert tasks.boxed_em("\\boxed{Paris}" + " " * 300, golds) == 0.0  # outside the last 300 characters
+    assert tasks.boxed_em("x" * 1000 + "\\boxed{Paris}", golds) == 1.0
+    assert tasks.boxed_em("\\boxed{Rome}", ["Paris", "Rome"]) == 1.0  # any gold
+    assert tasks.boxed_em("\\boxed{Rome}", "Rome") == 1.0 and tasks.boxed_em("\\boxed{R}", "Rome") == 0.0  # one, bare
+    assert tasks.boxed_em("\\boxed{{Paris}}", golds) == 0.0  # braces are kept
+    # "\\boxed " (a space) takes the text after it up to a dollar sign, anywhere in the answer
+    assert tasks.boxed_em("$\\boxed Paris$ is it", golds) == 1.0
+    assert tasks.boxed_em("\\boxed Paris and \\boxed{Lyon}", golds) == 0.0
+    # the math-string rules: \\left, \\right, \\!, \\$, \\%, tfrac, a bare decimal point, line breaks
+    assert tasks.boxed_em("\\boxed{\\left(1,2\\right)}", ["(1, 2)"]) == 1.0
+    assert tasks.boxed_em("\\boxed{50\\%}", ["50"]) == 1.0 and tasks.boxed_em("\\boxed{50%}", ["50"]) == 0.0
+    assert tasks.boxed_em("\\boxed{\\$5}", ["5"]) == 1.0
+    assert tasks.boxed_em("\\boxed{\\tfrac{1}{2}}", ["\\frac{1}{2}"]) == 1.0
+    assert tasks.boxed_em("\\boxed{x = .5}", ["x=0.5"]) == 1.0
+    assert tasks.boxed_em("\\boxed{new\nyork}", ["newyork"]) == 1.0
+    assert tasks.boxed_em("\\boxed{90^\\circ}", ["90"]) == 1.0 and tasks.boxed_em("\\boxed{a\\!b}", ["ab"]) == 1.0
+
+
+def test_answer_is_sub_em_is_the_release_evaluation():
+    score = tasks.SCORERS["answer_is_sub_em"]
+    golds = ["The Beatles", "Queen"]
+    assert score("I think so. Therefore, the answer is The Beatles.", golds) == 1.0
+    assert score("Therefore, the answer is **Beatles**", golds) == 1.0  # asterisks go; prediction in gold
+    assert score("the answer is Ringo and the Beatles", golds) == 1.0  # gold in prediction
+    assert score("the answer is Queen", golds) == 0.0  # the first gold answer only
+    assert score("the answer is Queen", "Queen") == 1.0  # one gold answer, given bare
+    assert score("The Beatles", golds) == 0.0 and score(None, golds) == 0.0  # nothing extracted
+    assert score("The answer is The Beatles", golds) == 0.0  # the phrase as written, in lower case
+    assert score("the answer is .", golds) == 0.0  # empty once the periods go
+    assert score("the answer is Stones, not the answer is Beatles", golds) == 1.0  # the last one
+    assert score("the answer is Beatles</think> so the answer is Stones", golds) == 0.0  # after </think>
+    assert score("<think>the answer is Stones</think>the answer is Beatles", golds) == 1.0
+    assert score("<think>the answer is Beatles</think>  ", golds) == 1.0  # nothing after: the whole text
+    assert score("the answer is ?", golds) == 1.0  # as in the release: "" is inside every gold
+    assert tasks.extract_answer_is("So the answer is ...Paris..  ") == "Paris"
+    assert tasks.extract_answer_is("no phrase") is None
+
+
+def test_scorers_read_the_whole_answer_in_their_frame():
+    golds = ["alpha", "beta"]
+    assert tasks.SCORERS["string_match_all"]("\\boxed{Alpha, beta}", golds) == 1.0
+    assert tasks.SCORERS["string_match_all"]("alpha beta", golds) == 0.0  # no box, no prediction
+    assert tasks.SCORERS["answer_is_string_match_all"]("the answer is alpha", golds) == 0.5
+    assert tasks.SCORERS["answer_is_string_match_all"]("the answer is a, b, c", ["a", "b", "x"]) == 0.67  # rounded
+    assert tasks.SCORERS["answer_is_exact_match"]("so the answer is Beta.", golds) == 1.0
+    s = Sample("x", "Q?", "doc", golds, {"scorer": "sub_em"})
+    assert tasks.score(s, "\\boxed{beta}") == 1.0 and tasks.score(s, "the answer is beta") == 0.0
+    assert tasks.score(s, "the answer is beta", frame="answer_is") == 0.0  # first gold only
+    assert tasks.score(s, "the answer is alpha", frame="answer_is") == 1.0
+    with pytest.raises(ValueError, match="'boxed_em' has no form for the 'answer_is' frame"):
+        tasks.score(Sample("x", "Q?", "", golds, {"scorer": "boxed_em"}), "", frame="answer_is")
 
 
 def test_score_uses_meta_scorer():
     s = Sample("x", "Q?", "doc", ["Alpha", "Beta"], {"scorer": "string_match_all"})
-    assert tasks.score(s, "alpha beta") == 1.0 and tasks.score(s, "alpha") == 0.5
+    assert tasks.score(s, "\\boxed{alpha beta}") == 1.0 and tasks.score(s, "\\boxed{alpha}") == 0.5
     s.meta["scorer"] = "sub_em"
-    assert tasks.score(s, "the beta") == 1.0
-    assert set(tasks.SCORERS) == {"exact_match", "sub_em", "f1", "string_match_all",
-                                  "string_match_part", "boxed_em"}
+    assert tasks.score(s, "\\boxed{the beta}") == 1.0
+    metrics = {"exact_match", "sub_em", "f1", "string_match_all", "string_match_part"}
+    assert set(tasks.SCORERS) == metrics | {"answer_is_" + m for m in metrics} | {"boxed_em"}
+
+
+# -----------------------------------------------------------------------------
+# RULER's needle tasks as the release evaluates them
+
+UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+
+
+def essay_file(tmp_path):
+    path = tmp_path / "essay.txt"
+    path.write_text("The first essay sentence is here.  It goes on!\n\nDoes it end? Never quite.\n")
+    return path
+
+
+def test_ruler_key_and_value_formats(tmp_path):
+    tok, essay = WordTokenizer(), essay_file(tmp_path)
+    formats = dict(niah_single_1=("words", r"\d{7}"), niah_single_2=("words", r"\d{7}"),
+                   niah_single_3=("words", UUID), niah_multikey_3=(UUID, UUID))
+    for task, (key, value) in formats.items():
+        for s in tasks.make_samples(task, 2000, tok, 3, source=essay if task in tasks.SOURCED else None):
+            asked = re.fullmatch(r"What is the magic \w+ for (\S+)\?", s.question).group(1)
+            assert (re.fullmatch(r"[a-z]+-[a-z]+", asked) if key == "words" else re.fullmatch(key, asked))
+            assert len(s.answers) == 1 and re.fullmatch(value, s.answers[0])
+            assert s.meta["doc_tokens"] <= 2000 and s.answers[0] in tasks.document_text(s)
+            assert s.meta["scorer"] == "string_match_all"
+
+
+def test_ruler_essay_haystack_is_the_users_text_cycled(tmp_path):
+    essay = essay_file(tmp_path)
+    s = tasks.make_samples("niah_multivalue_essay", 300, WordTokenizer(), 1, source=essay)[0]
+    text = tasks.document_text(s)
+    for r in s.meta["needles"]:
+        text = text.replace(" " + r["text"], "")
+    sentences = ["The first essay sentence is here.", "It goes on!", "Does it end?", "Never quite."]
+    assert text.startswith(" ".join(sentences * 3)) and len(text.split()) > 250  # whitespace normalised, cycled
+    assert len(s.answers) == 4 and s.question.startswith("What are all the magic numbers for ")
+    multi = tasks.make_samples("niah_multiquery_essay", 300, WordTokenizer(), 1, source=essay)[0]
+    assert len(multi.answers) == 4 and multi.question.count("-") == 4
+    with pytest.raises(ValueError, match="niah_single_2 reads its haystack from a text file: give it as "
+                                         "niah_single_2:FILE"):
+        tasks.make_samples("niah_single_2", 300, WordTokenizer(), 1)
+    with pytest.raises(ValueError, match="missing.txt: cannot read the essay haystack"):
+        tasks.make_samples("niah_single_2", 300, WordTokenizer(), 1, source=tmp_path / "missing.txt")
+
+
+def test_ruler_needle_haystack_is_other_keys_needles():
+    for task, value in (("niah_multikey_2", r"\d{7}"), ("niah_multikey_3", UUID)):
+        s = samples_of(task, 1500, WordTokenizer(), 1, 3, ESSAY)[0]
+        key = s.question.split(" for ")[1].rstrip("?")
+        sentences = re.findall(r"One of the magic \w+ for (\S+) is (\S+)\.", tasks.document_text(s))
+        assert len(sentences) > 50 and all(re.fullmatch(value, v) for _, v in sentences)
+        assert [v for k, v in sentences if k == key] == s.answers  # the asked key's needle alone
+        assert 1500 - 12 < s.meta["doc_tokens"] <= 1500  # fitted to the length like every task
+
+
+def squad_file(tmp_path, articles=3, paragraphs=4):
+    """SQuAD v2's layout: articles of paragraphs, each with questions (one unanswerable)."""
+    data = [{"title": f"A{a}", "paragraphs": [
+        {"context": f"Paragraph {p} of article {a} says item {a}{p} is blue.",
+         "qas": [{"question": f"What colour is item {a}{p}?", "answers": [{"text": "blue"}, {"text": "Blue"}],
+                  "is_impossible": False},
+                 {"question": "Unanswerable?", "answers": [], "is_impossible": True}]}
+        for p in range(paragraphs)]} for a in range(articles)]
+    return write(tmp_path / "squad.json", {"version": "v2.0", "data": data})
+
+
+def test_ruler_qa_1_squad(tmp_path):
+    tok, path = WordTokenizer(), squad_file(tmp_path)
+    samples = tasks.load_ruler_qa("qa_1", path, 60, tok, 20)
+    assert len(samples) == 12  # the answerable questions, in file order
+    order = list(range(samples[0].meta["num_docs"]))
+    random.Random(42).shuffle(order)
+    for s in samples:
+        text = tasks.document_text(s)
+        docs = [d.split("\n", 1)[1] for d in text.split("\n\n")]
+        assert s.meta["doc_tokens"] == len(tok.encode(text)) <= 60 and s.answers == ["blue", "Blue"]
+        a, p = s.question.split("item ")[1].rstrip("?")
+        own = f"Paragraph {p} of article {a} says item {a}{p} is blue."
+        assert docs.count(own) == 1 and len(set(docs)) == len(docs) == s.meta["num_docs"]
+        article = [d for d in docs if f"of article {a} " in d]
+        assert len(article) == 4  # the other paragraphs of its article come before other articles'
+        assert docs.index(own) == order.index(0)  # RULER's fixed shuffle puts its own paragraph there
+        assert s.meta["scorer"] == "sub_em"
+    with pytest.raises(ValueError, match="qa_1: length 5 is too short"):
+        tasks.load_ruler_qa("qa_1", path, 5, tok, 1)
+    with pytest.raises(ValueError, match="expected SQuAD's layout"):
+        tasks.load_ruler_qa("qa_1", write(tmp_path / "hp.json", hotpot_items(2)), 60, tok, 1)
+
+
+def test_ruler_qa_2_hotpotqa(tmp_path):
+    tok, items = WordTokenizer(), hotpot_items(4)
+    for path in (write(tmp_path / "hp.json", items), write_jsonl(tmp_path / "hp.jsonl", items)):
+        samples = tasks.load_ruler_qa("qa_2", path, 400, tok, 2)
+        for s, item in zip(samples, items):
+            text = tasks.document_text(s)
+            for title, sentences in item["context"]:
+                assert f":\n{title}\n{''.join(sentences)}" in text  # every own paragraph, as title and text
+            assert s.answers == [item["answer"]] and 10 < s.meta["num_docs"] and s.meta["doc_tokens"] <= 400

@@ -87,6 +87,51 @@ def test_lr_warms_up_holds_then_cools_down(tmp_path, tokenizer_path):
     assert lrs == pytest.approx([1e-3 * f for f in (0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25)])
 
 
+def test_release_optimizer_settings(tmp_path, tokenizer_path):
+    """The release's schedule starts its warm-up at 0 (lr = step / warmup_steps) and decays every parameter."""
+    t = Trainer(config(tmp_path, tokenizer_path, "--optim.warmup_steps=4", "--optim.warmup_from_zero=true",
+                       "--optim.decay_all=true", "--optim.weight_decay=0.1"))
+    lrs = []
+    for _ in range(6):
+        lrs.append(t.opt.param_groups[0]["lr"])
+        t.opt.step()
+        t.sched.step()
+    assert lrs == pytest.approx([1e-3 * f for f in (0, 0.25, 0.5, 0.75, 1, 1)])
+    decayed = {id(p) for g in t.opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert decayed == {id(p) for p in t.model.parameters()}  # norms and biases too
+    default = Trainer(config(tmp_path / "d", tokenizer_path, "--optim.weight_decay=0.1"))
+    norms = {id(p) for p in default.model.parameters() if p.dim() < 2}
+    assert norms and not norms & {id(p) for g in default.opt.param_groups if g["weight_decay"] for p in g["params"]}
+
+
+def test_mini_batch_order_contiguous_in_turn_order_or_shuffled():
+    from memory_agent import Conversation, Trajectory
+
+    def traj(updates):
+        convs = [Conversation([], [], [], k, False, "stop") for k in range(updates)]
+        return Trajectory("s", 0, convs + [Conversation([], [], [], updates, True, "stop")])
+    trajs = [traj(2), traj(3), traj(1)]  # rows 0-2, 3-6, 7-8 (the last of each is its final answer)
+    assert train.mini_batch_order(trajs, False, 0).tolist() == [0, 3, 7, 1, 4, 5, 2, 6, 8]
+    shuffled = train.mini_batch_order(trajs, True, [0, 1])
+    assert sorted(shuffled.tolist()) == list(range(9)) and shuffled.tolist() != list(range(9))
+    assert shuffled.tolist() == train.mini_batch_order(trajs, True, [0, 1]).tolist()
+
+
+def test_release_training_questions_first_n_cycled_and_centre_truncated(tmp_path, tokenizer_path):
+    lines = [json.dumps(dict(id=f"q{i}", question=f"Q{i}?", context=" ".join(f"w{i}x{k}" for k in range(60)),
+                             answers=["a"])) for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    t = Trainer(config(tmp_path / "run", tokenizer_path, f"--data.tasks=jsonl:{tmp_path / 'd.jsonl'}",
+                       "--data.max_questions=3", "--data.shuffle=false", "--data.max_chunks=2",
+                       "--agent.chunk_tokens=16"))
+    assert [t.questions.get(i).id for i in range(7)] == ["q0", "q1", "q2", "q0", "q1", "q2", "q0"]
+    whole = t.tok.encode(" ".join(f"w0x{k}" for k in range(60)))
+    assert len(whole) > 32
+    assert t.questions.get(0).document == whole[:16] + whole[-16:]  # its first and last 16 of 2 x 16 tokens
+    short = train.centre_truncated(t.questions.samples[1], t.tok, 10 ** 6)
+    assert short.document == t.tok.encode(" ".join(f"w1x{k}" for k in range(60)))  # shorter: whole
+
+
 def low_ids(sample, traj):
     """A toy reward a random policy can climb: the share of low token ids in everything the
     trajectory wrote (its memories and its answer)."""
@@ -200,9 +245,54 @@ def test_two_processes_rl_fsdp_and_export(tmp_path, tokenizer_path):
     assert model.config.vocab_size == 512 and load_tokenizer(out).vocab_size == 512
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-sft", "release-7b", "release-14b", "dapo-7b"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-sft", "release-7b", "release-14b", "dapo-7b", "dapo-recipe-7b"])
 def test_shipped_configs_parse(name):
     parse_config(["--config", os.path.join(ROOT, "configs", f"{name}.json"), "--model=micro"])
+
+
+@pytest.mark.parametrize("name", ["release-7b", "release-14b"])
+def test_release_configs_make_the_releases_choices(name):
+    cfg = parse_config(["--config", os.path.join(ROOT, "configs", f"{name}.json"), "--model=micro"])
+    d, rl, o = cfg.data, cfg.rl, cfg.optim
+    assert (d.max_questions, d.shuffle, d.max_chunks, d.hotpot_docs) == (8192, False, 8, 200)
+    assert (rl.reward, rl.shuffle_mini_batches, o.warmup_from_zero, o.decay_all) == ("boxed_em", False, True, True)
+    assert cfg.agent.keep_empty_memory and cfg.eval.samples == 128  # validated on the first 128 kept
+    default = parse_config(["--model=micro"])  # the embedded agent's settings stay as they were
+    assert (default.data.max_questions, default.data.max_chunks, default.rl.shuffle_mini_batches,
+            default.optim.warmup_from_zero, default.optim.decay_all, default.agent.keep_empty_memory) == (
+        0, 0, True, False, False, False)
+
+
+def test_dapo_recipe_config_is_verls_dapo_recipe():
+    """verl's DAPO recipe (recipe/dapo), value by value, on the release's MemAgent data and agent."""
+    cfg = parse_config(["--config", os.path.join(ROOT, "configs", "dapo-recipe-7b.json"), "--model=micro"])
+    rl, o = cfg.rl, cfg.optim
+    assert (rl.clip_low, rl.clip_high, rl.clip_c, rl.loss_agg, rl.norm_by_std, rl.kl_coef) == (
+        0.2, 0.28, 10.0, "token-mean", True, 0.0)
+    assert (rl.dynamic_sampling, rl.filter_by, rl.max_rounds, rl.out_of_rounds) == (True, "accuracy", 10, "error")
+    assert rl.overlong_buffer == 1024 * 4096 // 20480  # the recipe's 4K of 20K, of this agent's 1K answer
+    assert (o.lr, o.warmup_steps, o.weight_decay, o.grad_clip, o.warmup_from_zero, o.decay_all) == (
+        1e-6, 10, 0.1, 1.0, True, True)
+    assert (rl.n, rl.mini_batches, rl.temperature, rl.top_p, cfg.eval.n, cfg.eval.top_p) == (16, 16, 1.0, 1.0, 1, 0.7)
+
+
+def test_readme_recipe_table_matches_the_configs():
+    """Every value the README's recipe table claims for a config is the value that config sets."""
+    lines = open(os.path.join(ROOT, "README.md")).read().split("<!-- recipe table -->")[1].strip().splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    names = head[1:4]
+    cfgs = {n: parse_config(["--config", os.path.join(ROOT, "configs", f"{n}.json"), "--model=micro"]) for n in names}
+    rows = 0
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        key = cells[0].strip("`")
+        for name, claimed in zip(names, cells[1:4]):
+            actual = train._get(cfgs[name], key)
+            assert str(actual).lower() == claimed.lower(), (key, name, actual, claimed)
+        rows += 1
+    assert rows >= 15
 
 
 # ---- bad input and faults: every row an error naming what is wrong, before any work ----------
@@ -313,6 +403,20 @@ def test_dynamic_sampling_out_of_rounds_trains_on_what_it_has(tmp_path, tokenize
     assert (m["rounds"], m["kept_groups"], m["dropped_groups"]) == (2, 0, 4)  # 2 rounds x 2 questions
     assert t.position == 4 and "loss" not in m  # no update: nothing informative to learn from
     assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
+def test_dynamic_sampling_as_verls_dapo_recipe(tmp_path, tokenizer_path):
+    # out of rounds short of informative groups: an error, not a smaller step
+    t = Trainer(config(tmp_path / "a", tokenizer_path, "--rl.max_rounds=2", "--rl.out_of_rounds=error"),
+                reward_fn=never_informative)
+    with pytest.raises(RuntimeError, match="2 generation rounds .* gave 0 informative groups of the 2"):
+        t.rl_step()
+    # filtered by accuracy: groups whose only spread is the overlong penalty are dropped
+    args = ["--rl.overlong_buffer=8", "--rl.max_rounds=1", "--rl.n=4"]
+    shaped = Trainer(config(tmp_path / "b", tokenizer_path, *args), reward_fn=never_informative).rl_step()
+    unshaped = Trainer(config(tmp_path / "c", tokenizer_path, *args, "--rl.filter_by=accuracy"),
+                       reward_fn=never_informative).rl_step()
+    assert shaped["kept_groups"] > 0 and unshaped["kept_groups"] == 0
 
 
 def test_kl_and_overlong_terms_as_training_applies_them(tmp_path, tokenizer_path):
