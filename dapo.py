@@ -1,5 +1,4 @@
-"""
-Multi-Conv DAPO: the RL objective that trains MemAgent's memory-writing policy.
+"""Multi-Conv DAPO: the RL objective that trains MemAgent's memory-writing policy.
 
 Each question is rolled out n times (a group). A rollout (trajectory) is a list of conversations:
 one per document chunk, in which the model rewrites its memory, and a final one, in which it
@@ -17,18 +16,16 @@ zero advantage everywhere; they are dropped and more groups are generated), an o
 to a reference policy (coefficient 0 in DAPO; the release used 0.001 of k3 = exp(d) - d - 1 with
 d = log pi_ref - log pi, clamped to [-10, 10]), and packing of rows into token-budget micro-batches
 whose losses add up, over micro-batches and data-parallel ranks, to exactly the global mean.
+
+Settings arrive checked (settings.py); a NaN step is skipped by train.Learner.update. Asserts state shapes.
 """
 from dataclasses import dataclass, replace
 
 import torch
 
-# Settings reach this file checked (settings.RLConfig); values that go NaN in a step are the update
-# step's business (train.Learner.update skips it), so nothing here validates: asserts state shapes.
-
 
 # ----------------------------------------------------------------------------------------------
 # rewards -> advantages
-
 
 def overlong_penalty(lengths, max_len, buffer):
     """DAPO's soft overlong punishment, added to the reward of a response of length L:
@@ -66,7 +63,6 @@ def group_advantages(rewards, group_ids, norm_by_std=False, eps=1e-6):
 # ----------------------------------------------------------------------------------------------
 # dynamic sampling; a group is a pair (payload, rewards) for one question's n rollouts
 
-
 def sample_groups(generate, want, max_rounds, enabled=True, count=len):
     """generate() -> a round: a list of (payload, rewards) groups. With enabled, keep the groups whose
     rewards differ (the others' advantages are all 0) and generate again until count(kept) >= want or
@@ -86,7 +82,6 @@ def sample_groups(generate, want, max_rounds, enabled=True, count=len):
 
 # ----------------------------------------------------------------------------------------------
 # training rows and token-budget packing
-
 
 @dataclass
 class Row:
@@ -172,7 +167,6 @@ def _collate(rows):  # see MicroBatch for the layout
 # ----------------------------------------------------------------------------------------------
 # the loss
 
-
 def kl_penalty(logprobs, ref_logprobs, estimator="k3"):
     """Per-token estimate of KL(pi || pi_ref) on tokens sampled from pi, with d = log pi_ref - log pi
     (Schulman, "Approximating KL divergence"):
@@ -188,10 +182,8 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k3"):
         return -d
     if estimator == "k2":
         return d.square() / 2
-    if estimator == "k3":
-        d = d.clamp(-20.0, 20.0)
-        return (d.exp() - d - 1).clamp(-10.0, 10.0)
-    raise AssertionError(estimator)
+    d = d.clamp(-20.0, 20.0)  # k3 (settings.RLConfig.kl_estimator is one of the three)
+    return (d.exp() - d - 1).clamp(-10.0, 10.0)
 
 
 def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, dp_size=1, segment_ids=None):

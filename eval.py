@@ -37,7 +37,7 @@ from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_outputs import Outputs, write_file
-from settings import EvalConfig, SettingError, as_dict
+from settings import EvalConfig, SettingError, as_dict, read_json
 from tasks import (FRAMES, RULER_QA, SOURCED, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa,
                    load_jsonl, load_ruler_qa, make_samples, parse_length, read_records, score)
 from tokenizer import load_tokenizer
@@ -442,17 +442,13 @@ def plot_curves(metrics_path):
 # --------------------------------------------------------------------------------------------
 # command line
 
-def read_results(p, paths):
+def read_results(paths):
     runs = []
     for f in paths:
-        try:
-            with open(f) as fh:
-                res = json.load(fh)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            p.error(f"{f}: cannot read results ({e})")
+        res = read_json(f, "eval.py results")
         for key in ("config", "results"):
-            if not (isinstance(res, dict) and key in res):
-                p.error(f"{f}: not eval.py results (no {key!r} key)")
+            if key not in res:
+                raise SettingError(f"{f}: not eval.py results (no {key!r} key)")
         runs.append((res["config"].get("label") or os.path.splitext(os.path.basename(f))[0], res))
     return runs
 
@@ -545,7 +541,7 @@ def main(argv=None):
         p.error("--model is required (or --from to report saved results)")
     try:
         if args.sources:
-            runs, outputs = read_results(p, args.sources), Outputs(reads=args.sources)
+            runs, outputs = read_results(args.sources), Outputs(reads=args.sources)
             outputs.claim(args.plot, "--plot")
         else:
             resolve_protocol(p, args)

@@ -556,11 +556,10 @@ class Transformer(nn.Module):
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
-            with open(index) as f:
-                try:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                    raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+            weight_map = read_json(index, "a safetensors index").get("weight_map")
+            if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+                raise ValueError(f"{index}: not a safetensors index with a weight_map of file names")
+            files = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
             files = ["model.safetensors"]
         else:

@@ -1,17 +1,17 @@
 """Every user-facing setting, declared once: its type, its range and what it means.
 
 A settings class is a dataclass deriving from `Settings`; each field's rule sits beside it
-(`rule=at_least(1)`), and the class checks itself when built, so no caller has to remember to:
+(`option(5000, at_least(1))`), and the class checks itself when built, so no caller has to remember to:
 
-    AgentConfig(chunk_tokens=0)     -> SettingError: agent.chunk_tokens must be >= 1, got 0
+    AgentConfig(chunk_tokens=0)     -> SettingError: 'agent.chunk_tokens' must be >= 1, got 0
 
 One reader builds them from every source, always by name: command-line flags (`--k v`, `--k=v`,
 dots for sections), JSON files (`--config FILE`), a checkpoint's agent.json, a resumed run's saved
 settings. Unknown keys are refused with the nearest valid name. Rules that tie fields together live
 in one method per class, `check_together`. `read_json` is the one way a JSON file enters.
 
-This file holds the machinery and the training run's tree (`Config`); `AgentConfig` lives in
-memory_agent.py and `SamplingParams` in rollout.py, both built on the same machinery.
+This file holds the machinery and the training run's sections; the tree's root is train.Config,
+`AgentConfig` lives in memory_agent.py and `SamplingParams` in rollout.py, all on this machinery.
 """
 import dataclasses
 import difflib
@@ -26,25 +26,22 @@ class SettingError(ValueError):
     """A setting, a settings file or a flag is wrong; the message names it."""
 
 
-def rule(test, text):
-    return test, text
-
-
+# a rule is (test, what a value must be)
 def at_least(lo):
-    return rule(lambda v: v >= lo, f">= {lo}")
+    return lambda v: v >= lo, f">= {lo}"
 
 
 def above(lo):
-    return rule(lambda v: v > lo, f"> {lo}")
+    return lambda v: v > lo, f"> {lo}"
 
 
 def within(lo, hi, low_open=False, high_open=False):
     text = f"in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
-    return rule(lambda v: (lo < v if low_open else lo <= v) and (v < hi if high_open else v <= hi), text)
+    return lambda v: (lo < v if low_open else lo <= v) and (v < hi if high_open else v <= hi), text
 
 
 def one_of(*choices):
-    return rule(lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+    return lambda v: v in choices, "one of " + ", ".join(map(str, choices))
 
 
 def option(default, check=None, **kw):
@@ -93,10 +90,6 @@ def _number(text):
         return float(text)
 
 
-def _name(kind):
-    return getattr(kind, "__name__", str(kind).replace("typing.", ""))
-
-
 class Settings:
     """Base of every settings dataclass. `section` prefixes the names in messages ("agent.")."""
     section: typing.ClassVar[str] = ""
@@ -110,7 +103,8 @@ class Settings:
             try:
                 value = _convert(hints[f.name], value)
             except (TypeError, ValueError):
-                raise SettingError(f"'{key}' expects {_name(hints[f.name])}, got {value!r}") from None
+                kind = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
+                raise SettingError(f"'{key}' expects {kind}, got {value!r}") from None
             if type(value) is int and abs(value) > INT64:
                 raise SettingError(f"'{key}' must fit in 64 bits, got {value}")
             check = f.metadata.get("check")
@@ -280,7 +274,7 @@ class OptimConfig(Settings):
 @dataclass
 class EngineConfig(Settings):
     section: typing.ClassVar[str] = "engine."
-    block_size: int = option(16, rule(lambda v: v >= 16 and v & (v - 1) == 0, "a power of two >= 16"))
+    block_size: int = option(16, (lambda v: v >= 16 and v & (v - 1) == 0, "a power of two >= 16"))
     num_blocks: int = option(0, at_least(0))  # 0: sized from memory
     max_num_seqs: int = option(256, at_least(1))
     max_num_batched_tokens: int = option(8192, at_least(1))

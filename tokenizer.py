@@ -6,9 +6,10 @@ through the optional `tokenizers` package). Chat templates are built token by to
 tokens go in by id and only the text between them is encoded, which is what HF's tokenizers do
 with a rendered template, so the ids match while user text can never forge a special token.
 """
-import json
 import os
 import re
+
+from settings import read_json
 
 TEMPLATES = ("chatml", "llama2", "llama3", "plain")
 ROLES = ("system", "user", "assistant")
@@ -186,16 +187,7 @@ def find_tokenizer_file(path):
 def read_tokenizer_config(model_dir):
     """tokenizer_config.json of a checkpoint directory as a dict ({} where there is none)."""
     path = os.path.join(model_dir, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json(path, "a JSON object") if os.path.isfile(path) else {}
 
 
 def check_messages(messages):

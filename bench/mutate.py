@@ -36,7 +36,7 @@ FLIPS = {
     ast.And: ("and", r"\band\b", "or"), ast.Or: ("or", r"\bor\b", "and"),
 }
 NAMES = {"min": "max", "max": "min"}
-CONSTANTS = {0: "1", 1: "0", True: "False", False: "True"}
+CONSTANTS = {(int, 0): "1", (int, 1): "0", (bool, True): "False", (bool, False): "True"}  # True == 1: key by type
 
 
 def mutants(source, constants=False):
@@ -74,10 +74,9 @@ def mutants(source, constants=False):
         elif isinstance(node, ast.Name) and node.id in NAMES:
             found.append((node.lineno, offset(node.lineno, node.col_offset),
                           offset(node.lineno, node.end_col_offset), NAMES[node.id]))
-        elif constants and isinstance(node, ast.Constant) and type(node.value) in (int, bool) \
-                and node.value in CONSTANTS:
+        elif constants and isinstance(node, ast.Constant) and (type(node.value), node.value) in CONSTANTS:
             found.append((node.lineno, offset(node.lineno, node.col_offset),
-                          offset(node.end_lineno, node.end_col_offset), CONSTANTS[node.value]))
+                          offset(node.end_lineno, node.end_col_offset), CONSTANTS[type(node.value), node.value]))
     lines = source.splitlines()
     return sorted(m for m in found if m and PRAGMA not in lines[m[0] - 1])
 

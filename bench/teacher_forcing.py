@@ -1,6 +1,6 @@
 """Where a memory agent departs from the ideal trace: teacher-forced errors at word starts vs inside words.
 
-Feeds each row of train.teacher_rows (every memory update and the final answer, with the ideal
+Feeds each row of warm_start.teacher_rows (every memory update and the final answer, with the ideal
 memory as input) through the model and compares its greedy next token with the trace's, for each
 target token. A token is "inside" a word when it and the token before it both join letters or
 digits ("X" after " M" in " MX"); otherwise it starts one (" M" after "VAR", "T" after "{").
@@ -23,7 +23,7 @@ import tasks  # noqa: E402
 from memory_agent import AgentConfig, MemoryAgent  # noqa: E402
 from model import build_model  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
-from train import teacher_rows  # noqa: E402
+from warm_start import teacher_rows  # noqa: E402
 
 
 def count_errors(model, tok, agent, sample, counts):

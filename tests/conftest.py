@@ -30,8 +30,8 @@ def pytest_collection_modifyitems(config, items):
 def tokenizer_path(tmp_path_factory):
     """One small sentencepiece tokenizer for every training run of the suite (training it is the
     slow part of a tiny start)."""
-    import train
+    import warm_start
     from tokenizer import train_sentencepiece
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    train_sentencepiece(train.tiny_corpus(num=80), 512, path)
+    train_sentencepiece(warm_start.tiny_corpus(num=80), 512, path)
     return str(path)

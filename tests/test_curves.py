@@ -6,7 +6,6 @@ import sys
 import pytest
 
 import eval as ev
-import train
 from test_train import config, low_ids
 from train import Trainer
 

@@ -7,10 +7,8 @@ import json
 import os
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from memory_agent import AgentConfig, ChunkStream, MemoryAgent, document_tokens, main

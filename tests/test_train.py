@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import train
-from settings import as_dict, flatten
+import warm_start
 from train import Trainer, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,25 +46,25 @@ def test_sft_rows_follow_the_ideal_memory(tmp_path, tokenizer_path):
     from tasks import make_samples
     t = Trainer(config(tmp_path, tokenizer_path, "--algo=sft"))
     sample = make_samples("niah_single", 300, t.tok, num=1)[0]
-    rows = train.teacher_rows(sample, MemoryAgent(None, t.tok, t.cfg.agent), t.tok)
+    rows = warm_start.teacher_rows(sample, MemoryAgent(None, t.tok, t.cfg.agent), t.tok)
     assert len(rows) == -(-sample.meta["doc_tokens"] // 128) + 1
     needle = sample.meta["needles"][0]["text"]
     assert t.tok.decode(rows[-2].response_ids).strip() == needle  # the memory holds the needle
     assert t.tok.decode(rows[-1].response_ids) == "\\boxed{" + sample.answers[0] + "}"
     assert all(r.response_ids[-1] == t.tok.end_of_turn_id for r in rows)
-    with_direct = train.teacher_rows(sample, MemoryAgent(None, t.tok, t.cfg.agent), t.tok, direct=True)
+    with_direct = warm_start.teacher_rows(sample, MemoryAgent(None, t.tok, t.cfg.agent), t.tok, direct=True)
     assert with_direct[:-1] == rows and with_direct[-1].response_ids == rows[-1].response_ids
     assert len(with_direct[-1].prompt_ids) > sample.meta["doc_tokens"]  # the whole document, one prompt
 
 
 def test_copy_rows_repeat_a_random_piece():
-    rows = train.copy_rows(4, 64, vocab_size=512, seed=[0, 1])
+    rows = warm_start.copy_rows(4, 64, vocab_size=512, seed=[0, 1])
     assert [len(r.prompt_ids) + len(r.response_ids) for r in rows] == [65] * 4
     for r in rows:
         seq = r.prompt_ids + r.response_ids
         period = next(k for k in range(6, 21) if seq[k:] == seq[:-k])
         assert min(seq) >= 4 and max(seq) < 512 and len(set(seq[:period])) > 1
-    assert rows == train.copy_rows(4, 64, vocab_size=512, seed=[0, 1])  # a function of the seed
+    assert rows == warm_start.copy_rows(4, 64, vocab_size=512, seed=[0, 1])  # a function of the seed
 
 
 def test_sft_copy_warmup_then_traces(tmp_path, tokenizer_path):
@@ -274,25 +274,6 @@ def test_dapo_recipe_config_is_verls_dapo_recipe():
     assert (o.lr, o.warmup_steps, o.weight_decay, o.grad_clip, o.warmup_from_zero, o.decay_all) == (
         1e-6, 10, 0.1, 1.0, True, True)
     assert (rl.n, rl.mini_batches, rl.temperature, rl.top_p, cfg.eval.n, cfg.eval.top_p) == (16, 16, 1.0, 1.0, 1, 0.7)
-
-
-def test_readme_recipe_table_matches_the_configs():
-    """Every value the README's recipe table claims for a config is the value that config sets."""
-    lines = open(os.path.join(ROOT, "README.md")).read().split("<!-- recipe table -->")[1].strip().splitlines()
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    names = head[1:4]
-    cfgs = {n: parse_config(["--config", os.path.join(ROOT, "configs", f"{n}.json"), "--model=micro"]) for n in names}
-    rows = 0
-    for line in lines[2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        key = cells[0].strip("`")
-        for name, claimed in zip(names, cells[1:4]):
-            actual = train._get(cfgs[name], key)
-            assert str(actual).lower() == claimed.lower(), (key, name, actual, claimed)
-        rows += 1
-    assert rows >= 15
 
 
 # ---- bad input and faults: every row an error naming what is wrong, before any work ----------
