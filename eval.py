@@ -200,7 +200,7 @@ def cell_runner(engine, tokenizer, agent, mode, params, n, progress, frame):
     runner = MemoryAgent(None, tokenizer, agent, frame=frame)  # builds the prompts only: no update-turn budget
     max_prompt = engine.max_len - agent.answer_tokens
     if max_prompt <= 0:
-        raise ValueError(f"agent.answer_tokens={agent.answer_tokens} leaves no room in the model's "
+        raise SettingError(f"agent.answer_tokens={agent.answer_tokens} leaves no room in the model's "
                          f"{engine.max_len} positions")
     params = replace(params, max_new_tokens=agent.answer_tokens, stop_token_ids=tuple(tokenizer.stop_ids))
     return lambda cell: run_direct(runner, engine, cell, params, n, max_prompt)
@@ -446,9 +446,11 @@ def read_results(paths):
     runs = []
     for f in paths:
         res = read_json(f, "eval.py results")
-        for key in ("config", "results"):
-            if key not in res:
-                raise SettingError(f"{f}: not eval.py results (no {key!r} key)")
+        rows = res.get("results")
+        if not (isinstance(res.get("config"), dict) and isinstance(rows, list) and all(
+                isinstance(r, dict) and {"task", "length", "mode", "accuracy", "doc_tokens"} <= set(r) for r in rows)):
+            raise SettingError(f"{f}: not eval.py results (a 'config' object and 'results' rows with task, length, "
+                               "mode, accuracy and doc_tokens)")
         runs.append((res["config"].get("label") or os.path.splitext(os.path.basename(f))[0], res))
     return runs
 
@@ -511,7 +513,12 @@ def check_inputs(args):
     if args.protocol == "memagent" and any(kind not in ("hotpotqa", "jsonl") for _, kind, _, _ in cells):
         raise ValueError(f"--protocol {args.protocol} scores hotpotqa or jsonl questions with sub_em; "
                          f"the synthetic tasks have their own scorers")
-    outputs = Outputs(reads=task_files(cells) + [args.model, args.tokenizer])
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: {str(e).splitlines()[0]}") from None
+    template = agent.template if os.path.isfile(agent.template) else None
+    outputs = Outputs(reads=task_files(cells) + [args.model, args.tokenizer, template])
     for path, what in ((args.out, "--out"), (args.traces, "--traces"), (args.closed_book, "--closed-book"),
                        (args.traces and trace_page.page_path(args.traces), "--traces page"),
                        (args.plot, "--plot")):
@@ -539,6 +546,12 @@ def main(argv=None):
         p.error("--from reports saved results: give it without --model")
     if not args.sources and not args.model:
         p.error("--model is required (or --from to report saved results)")
+    unused = [f for f, given in (("--out", args.out), ("--traces", args.traces), ("--plot", args.plot),
+                                 ("--markdown", args.markdown)) if given and (args.closed_book or
+                                                                             (args.sources and f in ("--out", "--traces")))]
+    if unused:
+        p.error(f"{', '.join(unused)} cannot go with {'--closed-book' if args.closed_book else '--from'}: "
+                "it writes no results there")
     try:
         if args.sources:
             runs, outputs = read_results(args.sources), Outputs(reads=args.sources)
@@ -552,11 +565,16 @@ def main(argv=None):
         print(f"agent: {as_dict(agent)}")
         dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            p.error(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
         if question_set:
             return run_closed_book(args, model, tokenizer, question_set, outputs)
-        res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, agent,
-                       args.mode, args.temperature, args.top_p, args.n, args.seed, progress=True, out=args.out,
-                       traces=args.traces, outputs=outputs, frame=args.frame)
+        try:
+            res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, agent,
+                           args.mode, args.temperature, args.top_p, args.n, args.seed, progress=True, out=args.out,
+                           traces=args.traces, outputs=outputs, frame=args.frame)
+        except SettingError as e:  # the agent's budgets against this model's positions
+            p.error(str(e))
         res["config"].update(model=args.model, tokenizer=args.tokenizer or args.model, dtype=dtype,
                              device=args.device, label=args.label, protocol=args.protocol)
         if args.out:  # evaluate wrote each cell; this adds where the run came from

@@ -158,10 +158,14 @@ class SplicedTemplate:
     """A template cut at its placeholders, text pieces tokenized once: render(**ids) -> ids."""
 
     def __init__(self, text, tokenizer):
-        parts = re.split(r"(\{problem\}|\{memory\}|\{section\})", text)
-        self.parts = [p[1:-1] if p in ("{problem}", "{memory}", "{section}")
-                      else tokenizer.encode(p.replace("{{", "{").replace("}}", "}"))
-                      for p in parts if p]
+        self.parts, piece = [], ""  # token lists of text, and placeholder names
+        for p in re.split(r"(\{\{|\}\}|\{problem\}|\{memory\}|\{section\})", text):  # left to right, as format
+            if p in ("{problem}", "{memory}", "{section}"):
+                self.parts += [tokenizer.encode(piece), p[1:-1]] if piece else [p[1:-1]]
+                piece = ""
+            else:
+                piece += {"{{": "{", "}}": "}"}.get(p, p)
+        self.parts += [tokenizer.encode(piece)] if piece else []
         self.num_text_tokens = sum(len(p) for p in self.parts if isinstance(p, list))
 
     def render(self, **ids):
@@ -309,7 +313,7 @@ class MemoryAgent:
         self.final = SplicedTemplate(t["final" + suffix], tokenizer)
         self.direct = SplicedTemplate(t["direct" + suffix], tokenizer)
         self.extract = extract_boxed if frame == "boxed" else extract_answer_is
-        self.empty_memory = tokenizer.encode(t["empty_memory"])
+        self.empty_memory = tokenizer.encode(t["empty_memory"].replace("{{", "{").replace("}}", "}"))
         self.keep_conversations = keep_conversations
         self.progress = progress
         self.stop_ids = tuple(tokenizer.stop_ids)
@@ -329,7 +333,7 @@ class MemoryAgent:
         for template, new, what in turns:
             need = frame + template.num_text_tokens + new
             if need > max_len:
-                raise ValueError(f"{what} + agent.question_tokens={c.question_tokens} + template and chat frame "
+                raise SettingError(f"{what} + agent.question_tokens={c.question_tokens} + template and chat frame "
                                  f"({need} in all) exceed the model's {max_len} positions")
 
     def _wrap(self, content_ids):
@@ -490,7 +494,8 @@ def main(argv=None):
     try:  # every argument is checked before the model is loaded
         agent_cfg = agent_config(args.model, args)
         if not os.path.isfile(args.document):
-            raise ValueError(f"--document: no such file {args.document!r}")
+            raise ValueError(f"--document: no such file {args.document!r}" if not os.path.exists(args.document)
+                             else f"--document: {args.document!r} is not a file")
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
         sample = Sample("document", args.question, Path(args.document), [])
         tok = load_tokenizer(args.tokenizer or args.model)

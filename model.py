@@ -137,7 +137,7 @@ HF_KEYS = {
     "use_sliding_window": (lambda v: type(v) is bool, "true or false"), "max_window_layers": _int(0),
     "layer_types": (lambda v: isinstance(v, list) and set(v) <= {"full_attention", "sliding_attention"},
                     "a list of full_attention / sliding_attention"),
-    "rope_theta": None, "rope_scaling": None, "rope_parameters": None, "partial_rotary_factor": None,
+    "rope_theta": None, "rope_scaling": None, "rope_parameters": None, "partial_rotary_factor": _exactly(1, 1.0),
     "architectures": None, "model_type": None, "torch_dtype": None, "dtype": None, "transformers_version": None,
     "use_cache": None, "initializer_range": None, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
     "_name_or_path": None, "output_attentions": None, "output_hidden_states": None, "return_dict": None,
@@ -197,9 +197,13 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         hf = read_json(path, "a HF config object")
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list):
+            raise ValueError(f"{path}: architectures={archs!r} must be a list, e.g. [\"LlamaForCausalLM\"]")
         family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if family is None:
             raise ValueError(f"{path}: architectures={archs} is not supported; supported: {sorted(ARCHITECTURES)}")
+        if hf.get("model_type", family) != family:  # HF's Auto classes build from model_type
+            raise ValueError(f"{path}: model_type={hf['model_type']!r} contradicts architectures={archs}")
         check_hf_keys(hf, path, family)
         num_heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
         max_pos = hf.get("max_position_embeddings", 4096)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 import paged_attention
-from settings import EngineConfig, Settings, at_least, option, within
+from settings import TEMPERATURE, TOP_P, EngineConfig, Settings, option, within
 
 MAX_GRAPH_BATCH = 512  # decode batches up to this size replay a captured CUDA graph
 _M31 = 0x7FFFFFFF
@@ -45,8 +45,8 @@ def derive_seed(*parts) -> int:
 @dataclass(frozen=True)
 class SamplingParams(Settings):
     """How one request samples; checked when built, and frozen, so a request that got in stays valid."""
-    temperature: float = option(1.0, at_least(0))  # 0 = greedy
-    top_p: float = option(1.0, within(0, 1, low_open=True))
+    temperature: float = option(1.0, TEMPERATURE)  # 0 = greedy
+    top_p: float = option(1.0, TOP_P)
     top_k: int = option(0, within(0, 2**31 - 1))  # 0 = no top-k
     max_new_tokens: int = option(256, within(1, 2**31 - 1))
     stop_token_ids: tuple[int, ...] = ()
@@ -584,6 +584,9 @@ class Engine:
     def _check_request(self, prompt, params):
         if not isinstance(params, SamplingParams):  # built, so checked
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids {list(params.stop_token_ids)} hold an id outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if not prompt:

@@ -14,11 +14,15 @@ import json
 import os
 import re
 import shutil
+import sys
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+import eval as evaluation
 from model import Transformer
 from settings import as_dict
 
@@ -101,6 +105,14 @@ class Checkpointer:
             self.lock = open(os.path.join(cfg.out_dir, ".lock"), "a")
             fcntl.flock(self.lock, fcntl.LOCK_SH)
 
+    @contextmanager
+    def claimed(self):
+        self.claim_out_dir()
+        try:
+            yield
+        finally:
+            self.release_out_dir()
+
     def release_out_dir(self):
         if self.lock is not None:
             self.lock.close()  # closing the file drops the lock
@@ -160,13 +172,15 @@ class Checkpointer:
             return f"checkpoint {path}: the disk is full ({free / 2**20:.0f} MiB free in {self.dir}); {kept}"
         return f"checkpoint {path}: cannot write ({type(error).__name__}: {str(error)[:300]}); {kept}"
 
-    def saved_settings(self):
-        """The settings the newest readable checkpoint was made with, and its path; (None, None) if none."""
+    def newest_meta(self):
+        """The newest readable checkpoint's trainer.json (its step, the settings it was made with) and its
+        path; (None, None) if there is none."""
         for name in reversed(self.newest()):
             path = os.path.join(self.dir, name)
             try:
                 with open(os.path.join(path, "trainer.json")) as f:
-                    return json.load(f)["config"], path
+                    meta = json.load(f)
+                return dict(config=meta["config"], step=meta["step"]), path
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # unreadable: load() names it damaged and tries an older one
         return None, None
@@ -255,3 +269,50 @@ class Checkpointer:
                     shutil.copy(os.path.join(src, name), path)
             agent.save(path)
         barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# the run's record: metrics.jsonl, tensorboard, the curves, the closing summary
+
+def log_step(path, m, tb, bar, step):
+    with open(path, "a") as f:
+        f.write(json.dumps(m) + "\n")
+    if "val_accuracy" in m:
+        evaluation.plot_curves(path)
+    if tb:
+        for k, v in m.items():
+            tb.add_scalar(k, v, step)
+    if bar:
+        bar.update(1)
+        bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "val_accuracy", "loss") if k in m})
+
+
+def summary(cfg, history, checkpoints, curves=None):
+    """What the run did and what to do next: the last lines a run prints."""
+    lines = [f"done: {len(history)} {cfg.algo} steps in this run, now at step {cfg.steps}"]
+    for key in ("reward", "accuracy", "loss"):
+        values = [m[key] for m in history if key in m]
+        if values:
+            k = min(10, len(values) // 2 or 1)
+            lines.append(f"  {key}: {np.mean(values[:k]):.3f} over the first {k} steps of this run, "
+                         f"{np.mean(values[-k:]):.3f} over the last {k}")
+    val = [(m["step"], m["val_accuracy"]) for m in history if "val_accuracy" in m]
+    if val:
+        lines.append("  held-out accuracy: " + ", ".join(f"{a:.3f} at step {s}" for s, a in val[-4:]))
+    if curves:
+        lines.append(f"training curves: {curves}")
+    if checkpoints:
+        args = " ".join(a for a in sys.argv[1:] if a != "--resume" and not a.startswith("--export"))
+        lines += [f"newest checkpoint: {os.path.join(cfg.out_dir, 'checkpoints', checkpoints[-1])}",
+                  "export it (HF format, with its tokenizer and agent.json), then evaluate it:",
+                  f"  python train.py {args} --resume --export=EXPORT_DIR",
+                  "  python eval.py --model EXPORT_DIR --tasks TASKS --lengths LENGTHS"]
+    return "\n".join(lines)
+
+
+def tensorboard(out_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tb"))

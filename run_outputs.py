@@ -26,6 +26,9 @@ def write_file(path, data, mode="w"):
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's owner-only 0600
         with os.fdopen(fd, mode + ("b" if isinstance(data, bytes) else "")) as f:
             f.write(data)
             f.flush()
@@ -57,8 +60,10 @@ class Outputs:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise OutputError(f"{what} {path!r}: no such directory {folder!r}")
-        if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        if path.endswith(os.sep) or os.path.isdir(path) or not os.access(folder, os.W_OK):
             raise OutputError(f"{what} {path!r}: cannot write a file there")
+        if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+            raise OutputError(f"{what} {path!r}: not a regular file (a link, a pipe, a device); give a file path")
         for read in self.reads:
             inside = os.path.isdir(read) and os.path.realpath(path).startswith(os.path.realpath(read) + os.sep) \
                 and os.path.exists(path)

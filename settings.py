@@ -14,6 +14,7 @@ This file holds the machinery and the training run's sections; the tree's root i
 `AgentConfig` lives in memory_agent.py and `SamplingParams` in rollout.py, all on this machinery.
 """
 import dataclasses
+import decimal
 import difflib
 import json
 import math
@@ -44,6 +45,11 @@ def one_of(*choices):
     return lambda v: v in choices, "one of " + ", ".join(map(str, choices))
 
 
+# below these, fp32 sampling underflows (every probability 0): refused rather than sampled as NaN
+TEMPERATURE = (lambda v: v == 0 or v >= 1e-6, "0 (greedy) or >= 1e-6")
+TOP_P = within(1e-6, 1)
+
+
 def option(default, check=None, **kw):
     """A field with its rule (`check`, from the helpers above); mutable defaults go via default_factory."""
     if dataclasses.is_dataclass(default) or isinstance(default, type):
@@ -70,7 +76,7 @@ def _convert(kind, value):
     elif kind is int and not isinstance(value, bool):
         if isinstance(value, str):
             value = _number(value)
-        if isinstance(value, (int, float)) and math.isfinite(value) and value == int(value):
+        if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value == int(value)):
             return int(value)
     elif kind is float and not isinstance(value, bool):
         number = float(value) if isinstance(value, (str, int, float)) else None
@@ -83,11 +89,12 @@ def _convert(kind, value):
     raise ValueError(value)
 
 
-def _number(text):
+def _number(text):  # exact: "1e3" is 1000, "9.007199254740993e15" is not rounded to a float first
     try:
-        return int(text)
-    except ValueError:
-        return float(text)
+        number = decimal.Decimal(text.strip())
+    except decimal.InvalidOperation:
+        raise ValueError(text) from None
+    return int(number) if number.is_finite() and number == number.to_integral_value() else float(number)
 
 
 class Settings:
@@ -102,11 +109,11 @@ class Settings:
                 continue  # built, so already checked
             try:
                 value = _convert(hints[f.name], value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 kind = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
                 raise SettingError(f"'{key}' expects {kind}, got {value!r}") from None
             if type(value) is int and abs(value) > INT64:
-                raise SettingError(f"'{key}' must fit in 64 bits, got {value}")
+                raise SettingError(f"'{key}' must fit in 64 bits, got {str(value)[:24]}...")
             check = f.metadata.get("check")
             if value is not None and check and not check[0](value):
                 raise SettingError(f"'{key}' must be {check[1]}, got {value!r}")
@@ -163,15 +170,21 @@ def flatten(d, prefix=""):
 def parse_flags(argv):
     """['--a.b=1', '--c', '2', '--flag', '--config', 'F'] -> ({'a': {'b': '1'}, 'c': '2', 'flag': 'true'},
     'F'). A bare flag means true; dashes in names are underscores."""
-    args, values, config = list(argv), {}, None
+    args, values, config, seen = list(argv), {}, None, set()
     while args:
         a = args.pop(0)
         if not a.startswith("--") or a == "--":
             raise SettingError(f"argument '{a}': expected --key=value or --key value")
         key, eq, value = a[2:].partition("=")
-        if not eq:
-            value = args.pop(0) if args and not args[0].startswith("--") else "true"
+        if not eq:  # a bare flag is True: a bool setting takes it, any other refuses it by name
+            value = args.pop(0) if args and not args[0].startswith("--") else True
         key = key.replace("-", "_")
+        # a later flag overrides an earlier one, as usual; but a second file, or a section given as a
+        # value and as a section, would drop what came first without a word
+        clash = [k for k in seen if (k == key == "config") or k.startswith(key + ".") or key.startswith(k + ".")]
+        if clash:
+            raise SettingError(f"argument '{a}': --{clash[0]} is already given")
+        seen.add(key)
         if key == "config":
             config = value
         else:
@@ -202,8 +215,8 @@ def read_json(path, what="a JSON object", expect=dict):
         raise SettingError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SettingError(f"{path}: cannot read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise SettingError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit number, [[[[... nested
+        raise SettingError(f"{path}: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(value, expect):
         raise SettingError(f"{path}: expected {what}, got a JSON {type(value).__name__}")
     return value
@@ -237,8 +250,8 @@ class RLConfig(Settings):
     section: typing.ClassVar[str] = "rl."
     n: int = option(16, at_least(1))  # rollouts per question (the group)
     mini_batches: int = option(1, at_least(1))  # optimizer steps per rollout step
-    temperature: float = option(1.0, above(0))  # RL samples its rollouts
-    top_p: float = option(1.0, within(0, 1, low_open=True))
+    temperature: float = option(1.0, at_least(1e-6))  # RL samples its rollouts
+    top_p: float = option(1.0, TOP_P)
     clip_low: float = option(0.2, within(0, 1, high_open=True))
     clip_high: float = option(0.28, at_least(0))
     clip_c: float = option(3.0, above(1))  # dual clip
@@ -291,8 +304,8 @@ class EvalConfig(Settings):
     lengths: str = ""  # default: data.lengths
     samples: int = option(8, at_least(1))  # questions per task x length
     n: int = option(1, at_least(1))  # rollouts per question
-    temperature: float = option(0.0, at_least(0))
-    top_p: float = option(1.0, within(0, 1, low_open=True))
+    temperature: float = option(0.0, TEMPERATURE)
+    top_p: float = option(1.0, TOP_P)
     seed: int = option(1_000_003, within(0, INT64))  # held-out questions are drawn with this seed
 
     def check_together(self):

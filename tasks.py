@@ -526,21 +526,21 @@ def read_records(path) -> list:
     if text.lstrip().startswith("["):
         try:
             return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON ({e})") from e
+        except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... nested
+            raise ValueError(f"{path}: malformed JSON ({str(e)[:200]})") from e
     try:
         whole = json.loads(text)
         if isinstance(whole, dict):
             return [whole]
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         pass  # JSONL: one item per line
     items = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 items.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg})") from e
+            except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... nested
+                raise ValueError(f"{path}:{n}: malformed JSON line ({getattr(e, 'msg', str(e)[:100])})") from e
     return items
 
 
@@ -561,6 +561,8 @@ def _check_hotpot_item(path, i, item):
         raise ValueError(f"{path}: item {i} has an empty 'context' or 'supporting_facts': its own paragraphs "
                          "are what the question is about")
     titles = {title for title, _ in item["context"]}
+    if len(titles) < len(item["context"]):
+        raise ValueError(f"{path}: item {i} holds two paragraphs with one title; a title names one paragraph")
     for fact in item["supporting_facts"]:
         if not (isinstance(fact, list) and len(fact) == 2 and isinstance(fact[0], str)
                 and isinstance(fact[1], int) and not isinstance(fact[1], bool)):
@@ -727,18 +729,18 @@ def load_jsonl(path, scorer: str = "sub_em") -> list[Sample]:
             lines = f.read().splitlines()
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e})") from e
-    samples = []
+    samples, ids = [], {}
     for n, raw in enumerate(lines, 1):
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from e
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from e
+        except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... nested
+            raise ValueError(f"{path}:{n}: malformed JSON ({getattr(e, 'msg', str(e)[:100])})") from e
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object")
         for key in ("id", "question", "context", "answers"):
@@ -752,6 +754,9 @@ def load_jsonl(path, scorer: str = "sub_em") -> list[Sample]:
                 raise ValueError(f"{path}:{n}: field {key!r} should be a string")
         if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
             raise ValueError(f"{path}:{n}: field 'answers' should be a string or a non-empty list of strings")
+        if str(rec["id"]) in ids:
+            raise ValueError(f"{path}:{n}: id {rec['id']!r} is also line {ids[str(rec['id'])]}'s")
+        ids[str(rec["id"])] = n
         meta = dict(task="jsonl", length=None, scorer=scorer, source=str(path), line=n)
         samples.append(Sample(str(rec["id"]), rec["question"], rec["context"], answers, meta))
     return samples

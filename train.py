@@ -9,7 +9,8 @@ live policy -> final-answer rewards (+ overlong shaping) -> dynamic sampling (da
 agreed across ranks) -> group advantages, broadcast to every conversation of a trajectory -> old
 log-probs -> for each mini-batch: token-budget micro-batches, loss over the step's global token
 count, backward, grad clip, AdamW. The loop is `train()` at the bottom; what it calls is above it:
-config, distributed helpers, building the policy, checkpoints, data, rollout, the update.
+the settings tree, building the policy, data, the update, rollout. The run directory (checkpoints,
+metrics, the summary) is run_dir.py; the warm start's data is warm_start.py.
 """
 import json
 import math
@@ -31,13 +32,12 @@ import tasks
 from memory_agent import AgentConfig, MemoryAgent, document_tokens
 from model import TINY_CONFIGS, build_model
 from rollout import Engine, SamplingParams, derive_seed
-from run_dir import Checkpointer, all_max, all_sum, barrier, setup_distributed
+from run_dir import Checkpointer, all_max, all_sum, barrier, log_step, setup_distributed, summary, tensorboard
 from settings import (INT64, TASK_FILES, DataConfig, EngineConfig, EvalConfig, OptimConfig, RLConfig, SettingError,
                       Settings, as_dict, at_least, build, flatten, merge, nest, one_of, option, parse_flags, read_json,
                       within)
 from tokenizer import load_tokenizer, train_sentencepiece
 from warm_start import COPY_ROW_TOKENS, TOKENIZER_TASKS, copy_rows, teacher_rows, tiny_corpus
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,17 +83,41 @@ class Config(Settings):
         if self.rl.overlong_buffer > self.agent.answer_tokens:
             raise SettingError(f"rl.overlong_buffer={self.rl.overlong_buffer} exceeds agent.answer_tokens="
                                f"{self.agent.answer_tokens}")
-        if self.export and any(os.path.realpath(self.export) == os.path.realpath(p)
-                               for p in (self.model, self.tokenizer, self.out_dir) if p):
-            raise SettingError(f"export: '{self.export}' is the run's model, tokenizer or out_dir; export to a "
-                               "new directory")
+        if self.export:
+            check_export_dir(self)
+        if self.tokenizer and not os.path.exists(self.tokenizer):
+            raise SettingError(f"tokenizer: no such file or directory '{self.tokenizer}'")
+        for key, spec in (("data.lengths", self.data.lengths), ("eval.lengths", self.eval.lengths)):
+            for length in filter(None, spec.split(",")):
+                try:
+                    tasks.parse_length(length)
+                except ValueError as e:
+                    raise SettingError(f"{key}: {e}") from None
+        generated = self.data.tasks.partition(":")[0] not in TASK_FILES and not self.eval.tasks
+        if self.eval.every and generated and self.eval.seed == self.seed:
+            raise SettingError(f"eval.seed={self.eval.seed} is the run's seed: validation would draw the training "
+                               "questions; give it a seed of its own")
+
+
+def check_export_dir(cfg):
+    """An export goes to a new or empty directory, never over the run's inputs, its out_dir or among its
+    checkpoints (a folder out_dir/export is fine)."""
+    export, out = os.path.realpath(cfg.export), os.path.realpath(cfg.out_dir)
+    ckpts = os.path.join(out, "checkpoints")
+    tok = cfg.tokenizer and os.path.realpath(cfg.tokenizer if os.path.isdir(cfg.tokenizer) else
+                                             os.path.dirname(cfg.tokenizer))
+    if export in (os.path.realpath(cfg.model), tok, out, ckpts) or export.startswith(ckpts + os.sep):
+        raise SettingError(f"export: '{cfg.export}' is the run's model or tokenizer directory, its out_dir or "
+                           "among its checkpoints; export to a new directory")
+    if os.path.exists(export) and (not os.path.isdir(export) or os.listdir(export)):
+        raise SettingError(f"export: '{cfg.export}' exists and is not an empty directory; export to a new one")
 
 
 def check_task_spec(key, spec, files=True):
     """A comma list of task names, or (files) one jsonl:FILE / hotpotqa:FILE (read when the run starts)."""
     if files and spec.partition(":")[0] in TASK_FILES:
         return
-    unknown = [t for t in spec.split(",") if t and t not in tasks.TASKS]
+    unknown = [t for t in spec.split(",") if t not in tasks.TASKS] if spec else []
     if unknown:
         raise SettingError(f"{key}: unknown tasks {unknown}; known: {sorted(tasks.TASKS)}"
                            + (", or jsonl:FILE / hotpotqa:FILE" if files else ""))
@@ -116,9 +140,25 @@ def parse_config(argv):
     return build(Config, values, f"{path} and the command line" if path else "command line")
 
 
+def settings_of_the_run(cfg, checkpoints):
+    """A resumed run keeps its saved settings (check_resume); an export writes the run as it was trained,
+    whatever else was passed."""
+    meta, where = checkpoints.newest_meta()
+    if cfg.export and meta:
+        keep = dict(export=cfg.export, resume=True, out_dir=cfg.out_dir, progress=cfg.progress)
+        return build(Config, merge(meta["config"], keep), where)
+    if cfg.resume and meta:
+        check_resume(cfg, meta["config"], where)
+        if meta["step"] > cfg.steps:
+            raise SettingError(f"steps={cfg.steps}: {where} is already at step {meta['step']}")
+    return cfg
+
+
 def check_resume(cfg, saved, where):
     """A resumed run keeps the settings it was made with, so that its record does not lie."""
     now, then = flatten(as_dict(cfg)), flatten(saved)
+    for d in (now, then):  # the same file, however it is spelt
+        d.update({k: os.path.realpath(d[k]) for k in ("model", "tokenizer", "out_dir") if os.path.exists(d[k] or "")})
     changed = [k for k in sorted(set(now) | set(then)) if k not in RESUMABLE and now.get(k) != then.get(k)]
     if changed:
         diff = "; ".join(f"{k}={then.get(k)!r} there, {now.get(k)!r} now" for k in changed[:6])
@@ -227,7 +267,7 @@ def build_tokenizer(cfg, rank):
         return load_tokenizer(path)
     # A from-scratch tiny model with no tokenizer given: train one on the task text (seconds).
     path = os.path.join(cfg.out_dir, "tokenizer.model")
-    if rank == 0 and not os.path.isfile(path):
+    if rank == 0 and not (os.path.isfile(path) and (cfg.resume or cfg.export)):  # only a resumed run's is its own
         names = cfg.data.tokenizer_tasks.split(",") if cfg.data.tokenizer_tasks else TOKENIZER_TASKS
         train_sentencepiece(tiny_corpus(names=names), TINY_CONFIGS[cfg.model].vocab_size, path)
     barrier()
@@ -498,13 +538,7 @@ class Trainer:
             raise SettingError(f"data.questions_per_step={cfg.data.questions_per_step} must be divisible by "
                                f"the {self.world} ranks")
         self.checkpoints = Checkpointer(cfg, self.rank, self.world, self.device)
-        saved, where = self.checkpoints.saved_settings()
-        if cfg.export and saved:  # an export writes the run as it was trained, whatever else was passed
-            keep = dict(export=cfg.export, resume=True, out_dir=cfg.out_dir, progress=cfg.progress)
-            self.cfg = cfg = build(Config, merge(saved, keep), where)
-            self.checkpoints.cfg = cfg
-        elif cfg.resume and saved:
-            check_resume(cfg, saved, where)
+        self.cfg = self.checkpoints.cfg = cfg = settings_of_the_run(cfg, self.checkpoints)
         self.tok = build_tokenizer(cfg, self.rank)
         self.learner = Learner(cfg, self.world, self.device, self.tok.vocab_size)
         self.model, self.opt, self.sched = self.learner.model, self.learner.opt, self.learner.sched
@@ -549,14 +583,8 @@ class Trainer:
             kept, seen, rounds = dapo.sample_groups(generate, want, cfg.rl.max_rounds, cfg.rl.dynamic_sampling,
                                                     count=count)
             stats = dict(prefill_tokens=engine.stats["prefill_tokens"], prefix_cache_tokens=engine.blocks.cache_hits)
-        # keep the `want` kept groups of the earliest questions of the run, whichever rank holds them:
-        # every rank agrees on the batch, and no rank's share (its tasks, its lengths) is cut first
-        mine = [i for (i, _, _, _), _ in kept]
-        every = [mine] if not dist.is_initialized() else [None] * self.world
-        if dist.is_initialized():
-            dist.all_gather_object(every, mine)
-        chosen = set(sorted(i for ids in every for i in ids)[:want])
-        total, kept = sum(map(len, every)), [grp for grp in kept if grp[0][0] in chosen]
+        chosen, total = earliest_groups([i for (i, _, _, _), _ in kept], want, self.world)
+        kept = [grp for grp in kept if grp[0][0] in chosen]
         if cfg.rl.dynamic_sampling and cfg.rl.out_of_rounds == "error" and total < want:  # every rank alike
             raise RuntimeError(f"{rounds} generation rounds (rl.max_rounds) gave {total} informative groups of "
                                f"the {want} a step needs; stopping, as rl.out_of_rounds=error asks")
@@ -630,8 +658,7 @@ class Trainer:
             for key in ("val_accuracy", f"val_accuracy/{s.meta.get('task', 'data')}"):
                 sums[key] = sums.get(key, 0.0) + reward(self.cfg.rl.reward, s, t)
                 sums[key + "/n"] = sums.get(key + "/n", 0) + 1
-        sums = all_sum(sums, self.device)
-        return {k: v / sums[k + "/n"] for k, v in sums.items() if not k.endswith("/n")}
+        return means(all_sum(sums, self.device))
 
     def load_checkpoint(self):  # -> False if there is no checkpoint to resume from
         state = self.checkpoints.load(self.model, self.opt, self.sched)
@@ -645,11 +672,8 @@ class Trainer:
                                      dict(step=self.step, position=self.position, bad_steps=self.bad_steps))
 
     def train(self):
-        self.checkpoints.claim_out_dir()
-        try:
+        with self.checkpoints.claimed():
             return self._train()
-        finally:
-            self.checkpoints.release_out_dir()
 
     def _train(self):
         cfg = self.cfg
@@ -667,7 +691,7 @@ class Trainer:
         self.log(json.dumps(as_dict(cfg), indent=2))
         self.log(f"model {cfg.model}: {self.model.num_params() / 1e6:.2f}M parameters, world {self.world}, "
                  f"{'fsdp' if self.learner.fsdp else 'ddp'}, device {self.device}")
-        tb = _tensorboard(cfg.out_dir) if self.rank == 0 else None
+        tb = tensorboard(cfg.out_dir) if self.rank == 0 else None
         bar = None
         if self.rank == 0 and cfg.progress:
             from tqdm import tqdm
@@ -707,40 +731,19 @@ class Trainer:
 
 
 
-def log_step(path, m, tb, bar, step):
-    with open(path, "a") as f:
-        f.write(json.dumps(m) + "\n")
-    if "val_accuracy" in m:
-        evaluation.plot_curves(path)
-    if tb:
-        for k, v in m.items():
-            tb.add_scalar(k, v, step)
-    if bar:
-        bar.update(1)
-        bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "val_accuracy", "loss") if k in m})
+def earliest_groups(mine, want, world):
+    """The indices of the `want` kept groups of the earliest questions of the run, whichever rank holds
+    them, and how many all ranks kept: every rank agrees on the batch, and no rank's share (its tasks,
+    its lengths) is cut first."""
+    every = [mine] if not dist.is_initialized() else [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(every, mine)
+    return set(sorted(i for ids in every for i in ids)[:want]), sum(map(len, every))
 
 
-def summary(cfg, history, checkpoints, curves=None):
-    """What the run did and what to do next: the last lines a run prints."""
-    lines = [f"done: {len(history)} {cfg.algo} steps in this run, now at step {cfg.steps}"]
-    for key in ("reward", "accuracy", "loss"):
-        values = [m[key] for m in history if key in m]
-        if values:
-            k = min(10, len(values) // 2 or 1)
-            lines.append(f"  {key}: {np.mean(values[:k]):.3f} over the first {k} steps of this run, "
-                         f"{np.mean(values[-k:]):.3f} over the last {k}")
-    val = [(m["step"], m["val_accuracy"]) for m in history if "val_accuracy" in m]
-    if val:
-        lines.append("  held-out accuracy: " + ", ".join(f"{a:.3f} at step {s}" for s, a in val[-4:]))
-    if curves:
-        lines.append(f"training curves: {curves}")
-    if checkpoints:
-        args = " ".join(a for a in sys.argv[1:] if a != "--resume" and not a.startswith("--export"))
-        lines += [f"newest checkpoint: {os.path.join(cfg.out_dir, 'checkpoints', checkpoints[-1])}",
-                  "export it (HF format, with its tokenizer and agent.json), then evaluate it:",
-                  f"  python train.py {args} --resume --export=EXPORT_DIR",
-                  "  python eval.py --model EXPORT_DIR --tasks TASKS --lengths LENGTHS"]
-    return "\n".join(lines)
+def means(sums):
+    """{key: total, key/n: count} -> {key: total / count}."""
+    return {k: v / sums[k + "/n"] for k, v in sums.items() if not k.endswith("/n")}
 
 
 def _rss_bytes():
@@ -748,19 +751,11 @@ def _rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _tensorboard(out_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(os.path.join(out_dir, "tb"))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         Trainer(parse_config(argv)).train()
-    except SettingError as e:
+    except (ValueError, OSError) as e:  # a setting, or a file it names (data, tokenizer, out_dir)
         sys.exit(f"train.py: {e}")
     # Only after a clean run, and only once every rank is done communicating: a rank that tears its
     # process group down while a peer's is still busy can abort, and after a failure on one rank the

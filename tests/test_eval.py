@@ -271,7 +271,7 @@ def test_bad_arguments(checkpoint, tmp_path, capsys):
         assert e.value.code == 2 and match in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ev.main(["--from", str(tmp_path / "old.json")])
-    assert "old.json: not eval.py results (no 'config' key)" in capsys.readouterr().err
+    assert "old.json: not eval.py results (a 'config' object" in capsys.readouterr().err
     assert ev.hotpotqa_docs("50") == 50 and ev.hotpotqa_docs("28k") == 200 and ev.hotpotqa_docs("3.5m") == 25600
 
 

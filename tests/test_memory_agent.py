@@ -205,8 +205,10 @@ def test_agent_config_validates_saves_and_loads(tmp_path):
 
 
 @pytest.mark.parametrize("template, match", [
-    ({"update": "{problem}{memory}{section}", "finall": "{problem}{memory}"}, "unknown key 'finall'; did you mean 'final'"),
-    ({"update": "{problem}{memory}", "final": "{problem}{memory}"}, r"'update' lacks the placeholders \['\{section\}'\]"),
+    ({"update": "{problem}{memory}{section}", "finall": "{problem}{memory}"},
+     "unknown key 'finall'; did you mean 'final'"),
+    ({"update": "{problem}{memory}", "final": "{problem}{memory}"},
+     r"'update' lacks the placeholders \['\{section\}'\]"),
     ({"update": "{problem}{memory}{section}", "final": "{question}{memory}"}, "'final' has \\['\\{question\\}'\\]"),
     ({"update": "{problem}{memory}{section}", "final": "\\boxed{} {problem}{memory}"}, "'final' has \\['\\{\\}'\\]"),
     ({"update": "{problem}{memory}{section}"}, "no 'final' prompt"),

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import tasks
 from tasks import Sample, parse_length
@@ -807,3 +808,44 @@ def test_ruler_qa_2_hotpotqa(tmp_path):
             for title, sentences in item["context"]:
                 assert f":\n{title}\n{''.join(sentences)}" in text  # every own paragraph, as title and text
             assert s.answers == [item["answer"]] and 10 < s.meta["num_docs"] and s.meta["doc_tokens"] <= 400
+
+
+# ---- the record boundary: any record is read into a usable sample or refused by file and field ----------
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.text(max_size=5),
+                   st.lists(st.text(max_size=3), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+
+
+@settings(max_examples=80, deadline=None)
+@given(record=st.fixed_dictionaries({}, optional={"id": VALUES, "question": VALUES, "context": VALUES,
+                                                  "answers": VALUES, "extra": VALUES}))
+def test_any_jsonl_record_is_a_usable_sample_or_refused_by_file(record, tmp_path_factory):
+    path = tmp_path_factory.mktemp("rec") / "r.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    try:
+        (sample,) = tasks.load_jsonl(path)
+    except ValueError as e:
+        assert "r.jsonl" in str(e) or "sample" in str(e), e
+        return
+    assert sample.question.strip() and sample.answers and all(a.strip() for a in sample.answers)
+    assert isinstance(sample.document, str) and isinstance(sample.id, str)
+
+
+@settings(max_examples=60, deadline=None)
+@given(context=st.lists(st.tuples(st.sampled_from(["A", "B", "C"]), st.lists(st.sampled_from(["x. ", "y. ", ""]),
+                                                                             max_size=2)).map(list), max_size=3),
+       facts=st.lists(st.tuples(st.sampled_from(["A", "B", "Z"]), st.integers(-1, 2)).map(list), max_size=3),
+       answer=st.sampled_from(["", "x", 3]))
+def test_any_hotpotqa_item_reads_its_own_paragraphs_or_is_refused(context, facts, answer, tmp_path_factory):
+    item = dict(_id="q", question="Who?", answer=answer, supporting_facts=facts, context=context)
+    filler = [dict(_id=f"f{i}", question="F?", answer="f", supporting_facts=[[f"T{i}", 0]],
+                   context=[[f"T{i}", [f"filler {i}."]]]) for i in range(4)]
+    path = tmp_path_factory.mktemp("hp") / "hp.json"
+    path.write_text(json.dumps([item] + filler))
+    try:
+        samples = tasks.load_hotpotqa(path, 4)
+    except ValueError as e:
+        assert "hp.json" in str(e) or "sample q" in str(e), e
+        return
+    text = tasks.document_text(samples[0])
+    assert all(f"\n{title}\n" in text for title, _ in facts)  # the question's own paragraphs are in its document

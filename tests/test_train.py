@@ -281,7 +281,7 @@ def test_dapo_recipe_config_is_verls_dapo_recipe():
 @pytest.mark.parametrize("args, message", [
     (["--steps=2.9"], "'steps' expects int, got '2.9'"),
     (["--steps=-3"], "'steps' must be >= 1"),
-    (["--rl.top_p=1.5"], "'rl.top_p' must be in \\(0, 1\\]"),
+    (["--rl.top_p=1.5"], "'rl.top_p' must be in \\[1e-06, 1\\]"),
     (["--rl.clip_c=0.5"], "'rl.clip_c' must be > 1"),
     (["--optim.lr=0"], "'optim.lr' must be > 0"),
     (["--engine.max_num_seqs=0"], "'engine.max_num_seqs' must be >= 1"),
@@ -498,3 +498,28 @@ def test_rl_step_with_non_finite_log_probs_is_skipped(tmp_path, tokenizer_path):
     m = t.rl_step()
     assert m["skipped"] == 1
     assert all(torch.equal(a, b.detach()) or torch.isnan(a).any() for a, b in zip(before, t.model.parameters()))
+
+
+def test_flags_are_given_once_and_bare_only_for_switches(tmp_path):
+    assert parse_config(["--model=micro", "--steps=5", "--steps=1"]).steps == 1  # the later flag wins
+    for argv, named in ((["--config", "a.json", "--config", "b.json"], "--config is already given"),
+                        (["--rl=5", "--rl.n=3"], "--rl is already given"),
+                        (["--export", "--resume"], "'export' expects str, got True"),
+                        (["--data.tasks=niah_single,,vt"], "unknown tasks \\[''\\]"),
+                        (["--data.lengths=abc"], "data.lengths: bad length 'abc'"),
+                        (["--eval.every=5", "--eval.seed=0"], "eval.seed=0 is the run's seed")):
+        with pytest.raises(ValueError, match=named):
+            parse_config(["--model=micro", *argv])
+
+
+def test_an_export_goes_to_a_new_directory_outside_the_run(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.json").write_text("{}")
+    (tmp_path / "file").write_text("")
+    for export in (tmp_path / "full", tmp_path / "file", tmp_path / "run" / "checkpoints" / "step_000002",
+                   tmp_path / "run"):
+        with pytest.raises(ValueError, match="export: "):
+            parse_config(["--model=micro", f"--out_dir={tmp_path / 'run'}", f"--export={export}"])
+    tok = f"{ROOT}/checkpoints/tiny/tokenizer.model"
+    with pytest.raises(ValueError, match="the run's model or tokenizer directory"):
+        parse_config(["--model=nano", f"--tokenizer={tok}", f"--export={ROOT}/checkpoints/tiny"])
