@@ -226,8 +226,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
     Returns (loss, metrics): means over this call's valid tokens of clipfrac (tokens where the clip
     is active: A > 0 and r > 1 + clip_high, or A < 0 and r < 1 - clip_low), clipfrac_lower (A < 0 and
     r > clip_c), ppo_kl = logp_old - logp, ratio, and entropy / kl when given / used."""
-    shape = logprobs.shape  # (rows, T)
-    others = (old_logprobs, mask, entropy, ref_logprobs)
+    shape, others = logprobs.shape, (old_logprobs, mask, entropy, ref_logprobs)  # shape (rows, T)
     assert logprobs.dim() == 2 and all(x is None or x.shape == shape for x in others)
     assert advantages.shape in (shape, shape[:1]), (tuple(advantages.shape), tuple(shape))
     if advantages.dim() == 1:
