@@ -76,15 +76,14 @@ def test_stop_tokens(model):
 
 def test_top_k_top_p_renormalise():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    temps, seeds, pos = torch.ones(3), torch.tensor([1, 2, 3]), torch.zeros(3, dtype=torch.long)
-    tok, lp = sample(logits, temps, torch.tensor([1.0, 0.75, 1.0]), torch.tensor([0, 0, 1]), seeds, pos)
+    temps, seeds, pos = [1.0] * 3, [1, 2, 3], [0] * 3
+    tok, lp = sample(logits, temps, [1.0, 0.75, 1.0], [0, 0, 1], seeds, pos)
     assert tok[2] == 0 and lp[2] == 0.0  # top-1: certainty
     assert tok[1] in (0, 1)  # top-p 0.75 keeps {0.5, 0.3}
     assert abs(lp[1].exp() - (0.5 if tok[1] == 0 else 0.3) / 0.8) < 1e-6
     assert abs(lp[0].exp() - [0.5, 0.3, 0.15, 0.05][tok[0]]) < 1e-6
     # frequencies follow the distribution (counter-based noise over many positions)
-    many = sample(logits[:1].expand(4000, 4), torch.ones(4000), torch.ones(4000), torch.zeros(4000, dtype=torch.long),
-                  torch.full((4000,), 7), torch.arange(4000))[0]
+    many = sample(logits[:1].expand(4000, 4), [1.0] * 4000, [1.0] * 4000, [0] * 4000, [7] * 4000, range(4000))[0]
     freq = torch.bincount(many, minlength=4).float() / 4000
     assert (freq - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.03
 
