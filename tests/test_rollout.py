@@ -88,6 +88,24 @@ def test_top_k_top_p_renormalise():
     assert (freq - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.03
 
 
+def test_each_row_of_a_mixed_batch_samples_as_if_alone():
+    # the sampler skips the ops no row of a batch needs: a greedy row beside a top-k row, or a
+    # temperature-1 row beside a temperature-0.7 row, must still get exactly its own token and log-prob
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    temps, top_p, top_k = [0.0, 1.0, 0.7, 1.0], [1.0, 1.0, 1.0, 0.9], [0, 0, 0, 5]
+    seeds, positions = [11, 12, 13, 14], [3, 4, 5, 6]
+    tok, lp = sample(logits, temps, top_p, top_k, seeds, positions)
+    for b in range(4):
+        one = sample(logits[b:b + 1], temps[b:b + 1], top_p[b:b + 1], top_k[b:b + 1], seeds[b:b + 1],
+                     positions[b:b + 1])
+        assert (tok[b], lp[b]) == (one[0][0], one[1][0])
+    logp = logits.log_softmax(-1)
+    assert tok[0] == logp[0].argmax() and lp[0] == logp[0].max()  # greedy
+    assert lp[1] == logp[1, tok[1]]  # temperature 1: the model's own log-probs
+    assert lp[2] == (logits[2] / 0.7).log_softmax(-1)[tok[2]]
+    assert tok[3] in logits[3].topk(5).indices
+
+
 def test_prefix_cache_skips_shared_prompt(model):
     shared = prompts([64], seed=5)[0]
     engine = Engine(model, num_blocks=64, block_size=16)
