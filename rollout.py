@@ -89,6 +89,14 @@ class Sequence:
     def tokens(self):
         return self.prompt + self.output
 
+    def token_slice(self, start, end):  # tokens[start:end] without concatenating prompt and output
+        P = len(self.prompt)
+        if end <= P:
+            return self.prompt[start:end]
+        if start >= P:
+            return self.output[start - P:end - P]
+        return self.prompt[start:] + self.output[:end - P]
+
     @property
     def is_decoding(self):  # every token but the newest is in the cache: one token to compute
         return self.num_computed == len(self) - 1
@@ -339,40 +347,55 @@ class PagedKV:
 # sampling
 
 def _mix32(x):
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2^32."""
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2^32. It
+    works in place on one fresh tensor: at (B, V) the allocations cost more than the arithmetic."""
     x = x & _M32
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    return x ^ (x >> 16)
+    x ^= x >> 16
+    x *= 0x45D9F3B
+    x &= _M32
+    x ^= x >> 16
+    x *= 0x45D9F3B
+    x &= _M32
+    x ^= x >> 16
+    return x
 
 
 def sample(logits, temperature, top_p, top_k, seeds, positions):
     """Sample one token per row; -> (tokens, log-probs under the sampling distribution).
 
-    logits (B, V); per-row temperature/top_p/top_k/seed/position tensors (B,). Randomness is
-    counter-based: the Gumbel noise of row b is a hash of (seed_b, position_b, vocab index), so a
-    request's tokens depend only on its own seed, never on what else is in the batch or on
-    preemption. Rows with temperature 0 take the argmax and report log_softmax(logits)."""
+    logits (B, V); per-row lists (B Python numbers each) of temperature/top_p/top_k/seed/position.
+    Randomness is counter-based: the Gumbel noise of row b is a hash of (seed_b, position_b, vocab
+    index), so a request's tokens depend only on its own seed, never on what else is in the batch or
+    on preemption. Rows with temperature 0 take the argmax and report log_softmax(logits). What a
+    batch needs is decided from the lists on the host: a step runs only the ops its rows use."""
     B, V = logits.shape
-    logits = logits.float()
-    greedy = temperature == 0
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # (B, V)
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    dev = logits.device
+    scaled = logits.float()
+    if any(t not in (0, 1) for t in temperature):  # greedy rows and temperature 1 divide by 1: exact
+        scaled = scaled / torch.tensor([t or 1.0 for t in temperature], dtype=torch.float32, device=dev)[:, None]
+    if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+        top_k = torch.tensor(top_k, device=dev)[:, None]
+        top_p = torch.tensor(top_p, dtype=torch.float32, device=dev)[:, None]
         sorted_logits, order = scaled.sort(-1, descending=True)  # (B, V)
-        rank = torch.arange(V, device=logits.device)
-        drop = (top_k[:, None] > 0) & (rank[None] >= top_k[:, None])
+        drop = (top_k > 0) & (torch.arange(V, device=dev)[None] >= top_k)
         probs = sorted_logits.masked_fill(drop, -math.inf).softmax(-1)
         # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-        drop |= ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
+        drop |= ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1)
         scaled = torch.full_like(scaled, -math.inf).scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
     logp = scaled.log_softmax(-1)  # (B, V)
-    tokens = logp.argmax(-1)
-    if not bool(greedy.all()):  # Gumbel-max: argmax(logp + g) is a sample from softmax(logp)
-        rows = (~greedy).nonzero().squeeze(-1)
-        counter = _mix32(_mix32(seeds[rows]) ^ positions[rows])[:, None] ^ torch.arange(V, device=logits.device)
+    rows = [b for b, t in enumerate(temperature) if t != 0]
+    tokens = logp.argmax(-1) if len(rows) < B else None
+    if rows:  # Gumbel-max: argmax(logp + g) is a sample from softmax(logp)
+        seed = torch.tensor([seeds[b] & _M32 for b in rows], device=dev)
+        pos = torch.tensor([positions[b] for b in rows], device=dev)
+        counter = _mix32(_mix32(seed) ^ pos)[:, None] ^ torch.arange(V, device=dev)
         # 23 random bits: (k + 0.5) / 2^23 is exact in fp32, so u stays strictly inside (0, 1)
         u = ((_mix32(_mix32(counter)) >> 9).float() + 0.5) / 2.0**23
-        tokens[rows] = (logp[rows] - torch.log(-torch.log(u))).argmax(-1)
+        noisy = (logp if tokens is None else logp[rows]) - torch.log(-torch.log(u))
+        if tokens is None:
+            tokens = noisy.argmax(-1)
+        else:
+            tokens[rows] = noisy.argmax(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -424,50 +447,51 @@ class ModelRunner:
     def run(self, batch: Batch):
         """Forward the batch's tokens; sample for every sequence whose input ends in this step.
         -> [(sequence, token, log-prob)]."""
-        ids, pos, slots, kv, rows = self._prepare(batch)
+        ids, pos, kv, rows = self._prepare(batch)
         with torch.inference_mode():
             if self.use_graphs and batch.num_decode == len(batch.seqs) and graph_batch_size(len(rows)):
-                logits = self._decode_graph(ids, pos, slots, kv.context_lens, kv.block_tables)
+                logits = self._decode_graph(ids, pos, kv.slot_mapping, kv.context_lens, kv.block_tables)
             else:
                 logits = self.model(ids, pos, attn=kv, logits_rows=rows)[0]  # (len(rows), V)
             sampled = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed + n == len(s)]
             if not sampled:
                 return []
-            tok, lp = sample(logits, *self._sampling_tensors(sampled))
+            P = [s.params for s in sampled]
+            tok, lp = sample(logits, [p.temperature for p in P], [p.top_p for p in P], [p.top_k for p in P],
+                             [s.seed for s in sampled], [len(s) for s in sampled])
         return list(zip(sampled, tok.tolist(), lp.tolist()))
 
     def _prepare(self, batch):
-        """Token ids, positions, cache slots and the step's PagedKV metadata (built once, all layers)."""
+        """Token ids, positions, the step's PagedKV metadata (built once, for all layers) and the rows
+        to take logits at. Built as Python lists and moved in three tensors: on CPU each tensor
+        costs more than the lists of a whole decode batch."""
         dev, bs = self.device, self.block_size
-        ids, pos, slots, rows, cu = [], [], [], [], [0]
+        ids, pos, slots, rows, ctx, cu = [], [], [], [], [], [0]
         for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
-            start = s.num_computed
-            ids += s.tokens[start:start + n]
-            pos += range(start, start + n)
-            slots += [s.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            start, end = s.num_computed, s.num_computed + n
+            ids += s.token_slice(start, end)
+            pos += range(start, end)
+            p = start
+            while p < end:  # the slots within one block are one range
+                block, offset = divmod(p, bs)
+                m = min(end - p, bs - offset)
+                first = s.block_table[block] * bs + offset
+                slots += range(first, first + m)
+                p += m
             if i >= batch.num_decode:
                 cu.append(cu[-1] + n)
-            if start + n == len(s):
+            ctx.append(end)
+            if end == len(s):
                 rows.append(len(ids) - 1)
+        N, B = len(ids), len(ctx)
         width = max(len(s.block_table) for s in batch.seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs],
                               dtype=torch.int32, device=dev)  # (B, width)
-        ctx = torch.tensor([s.num_computed + n for s, n in zip(batch.seqs, batch.num_tokens)],
-                           dtype=torch.int32, device=dev)  # (B,)
-        prefill = batch.num_tokens[batch.num_decode:]
-        kv = PagedKV(self.k_cache, self.v_cache, torch.tensor(slots, dtype=torch.long, device=dev), ctx, tables,
-                     batch.num_decode, torch.tensor(cu, dtype=torch.int32, device=dev), max(prefill, default=0),
-                     self.backend)
-        return (torch.tensor([ids], dtype=torch.long, device=dev), torch.tensor([pos], dtype=torch.long, device=dev),
-                kv.slot_mapping, kv, rows)
-
-    def _sampling_tensors(self, seqs):
-        P, dev = [s.params for s in seqs], self.device
-        return (torch.tensor([p.temperature for p in P], dtype=torch.float32, device=dev),
-                torch.tensor([p.top_p for p in P], dtype=torch.float32, device=dev),
-                torch.tensor([p.top_k for p in P], device=dev),
-                torch.tensor([s.seed & _M32 for s in seqs], device=dev),
-                torch.tensor([len(s) for s in seqs], device=dev))
+        longs = torch.tensor(ids + pos + slots, dtype=torch.long, device=dev)  # (3N,)
+        ints = torch.tensor(ctx + cu, dtype=torch.int32, device=dev)  # (B + prefill seqs + 1,)
+        kv = PagedKV(self.k_cache, self.v_cache, longs[2 * N:], ints[:B], tables, batch.num_decode, ints[B:],
+                     max(batch.num_tokens[batch.num_decode:], default=0), self.backend)
+        return longs[:N].view(1, N), longs[N:2 * N].view(1, N), kv, rows
 
     def _decode_graph(self, ids, pos, slots, ctx, tables):
         """Replay the captured decode step of the smallest captured batch size >= B."""

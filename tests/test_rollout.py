@@ -82,17 +82,34 @@ def test_stop_tokens(model):
 
 def test_top_k_top_p_renormalise():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    temps, seeds, pos = torch.ones(3), torch.tensor([1, 2, 3]), torch.zeros(3, dtype=torch.long)
-    tok, lp = sample(logits, temps, torch.tensor([1.0, 0.75, 1.0]), torch.tensor([0, 0, 1]), seeds, pos)
+    temps, seeds, pos = [1.0] * 3, [1, 2, 3], [0] * 3
+    tok, lp = sample(logits, temps, [1.0, 0.75, 1.0], [0, 0, 1], seeds, pos)
     assert tok[2] == 0 and lp[2] == 0.0  # top-1: certainty
     assert tok[1] in (0, 1)  # top-p 0.75 keeps {0.5, 0.3}
     assert abs(lp[1].exp() - (0.5 if tok[1] == 0 else 0.3) / 0.8) < 1e-6
     assert abs(lp[0].exp() - [0.5, 0.3, 0.15, 0.05][tok[0]]) < 1e-6
     # frequencies follow the distribution (counter-based noise over many positions)
-    many = sample(logits[:1].expand(4000, 4), torch.ones(4000), torch.ones(4000), torch.zeros(4000, dtype=torch.long),
-                  torch.full((4000,), 7), torch.arange(4000))[0]
+    many = sample(logits[:1].expand(4000, 4), [1.0] * 4000, [1.0] * 4000, [0] * 4000, [7] * 4000, range(4000))[0]
     freq = torch.bincount(many, minlength=4).float() / 4000
     assert (freq - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.03
+
+
+def test_each_row_of_a_mixed_batch_samples_as_if_alone():
+    # the sampler skips the ops no row of a batch needs: a greedy row beside a top-k row, or a
+    # temperature-1 row beside a temperature-0.7 row, must still get exactly its own token and log-prob
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    temps, top_p, top_k = [0.0, 1.0, 0.7, 1.0], [1.0, 1.0, 1.0, 0.9], [0, 0, 0, 5]
+    seeds, positions = [11, 12, 13, 14], [3, 4, 5, 6]
+    tok, lp = sample(logits, temps, top_p, top_k, seeds, positions)
+    for b in range(4):
+        one = sample(logits[b:b + 1], temps[b:b + 1], top_p[b:b + 1], top_k[b:b + 1], seeds[b:b + 1],
+                     positions[b:b + 1])
+        assert (tok[b], lp[b]) == (one[0][0], one[1][0])
+    logp = logits.log_softmax(-1)
+    assert tok[0] == logp[0].argmax() and lp[0] == logp[0].max()  # greedy
+    assert lp[1] == logp[1, tok[1]]  # temperature 1: the model's own log-probs
+    assert lp[2] == (logits[2] / 0.7).log_softmax(-1)[tok[2]]
+    assert tok[3] in logits[3].topk(5).indices
 
 
 def test_prefix_cache_skips_shared_prompt(model):
