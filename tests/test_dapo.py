@@ -378,7 +378,8 @@ def test_shapes_are_asserted_and_non_finite_values_flow_through():
     for call in (lambda: policy_loss(z, torch.zeros(2, 4), one, one),
                  lambda: policy_loss(z, z, torch.ones(3), one),
                  lambda: group_advantages([1.0, 0.0], [0]),
-                 lambda: Row([1], [2, 3], 1.0, [-0.1])):
+                 lambda: Row([1], [2, 3], 1.0, [-0.1]), lambda: Row([], [2]), lambda: Row([1], []),
+                 lambda: pack([Row([1], [2]), Row([1], [2], 1.0, [-0.1])], 10)):
         with pytest.raises(AssertionError):
             call()
     nan = torch.tensor([[0.0, float("nan"), 0], [0, 0, 0]])
