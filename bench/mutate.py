@@ -4,8 +4,9 @@ Mutation check: do the tests fail when the math is wrong?
 For each mutant of one source file (one operator flipped: + -, * /, < <=, > >=, == !=, and or,
 min max; with --constants also 0 1 and True False) run the given test files, with pytest -x, in a
 temporary copy of the repository, and count the mutants the tests kill. The real file is never
-touched. A line ending in `# pragma: no mutate  <reason>` is skipped: mark only mutants that cannot
-change behaviour (a tie that gives the same result either way, a metric's boundary).
+touched. A mutant on a line that ends in `# pragma: no mutate  <reason>` is skipped: mark only lines
+whose mutants cannot change behaviour (a tie that gives the same result either way, a metric's
+boundary).
 
     OMP_NUM_THREADS=1 python bench/mutate.py dapo.py tests/test_dapo.py
     OMP_NUM_THREADS=1 python bench/mutate.py rollout.py tests/test_rollout.py --sample 60 --seed 0
@@ -26,17 +27,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 PRAGMA = "# pragma: no mutate"
-# AST operator -> (its token in the source, a regex that finds exactly that token, the flipped token)
+# AST operator -> (a regex that finds exactly its token in the source, the flipped token)
 FLIPS = {
-    ast.Add: ("+", r"\+", "-"), ast.Sub: ("-", r"-", "+"),
-    ast.Mult: ("*", r"(?<!\*)\*(?![*])", "/"), ast.Div: ("/", r"(?<!/)/(?!/)", "*"),
-    ast.Lt: ("<", r"<(?![=<])", "<="), ast.LtE: ("<=", r"<=", "<"),
-    ast.Gt: (">", r"(?<!-)>(?![=>])", ">="), ast.GtE: (">=", r">=", ">"),
-    ast.Eq: ("==", r"==", "!="), ast.NotEq: ("!=", r"!=", "=="),
-    ast.And: ("and", r"\band\b", "or"), ast.Or: ("or", r"\bor\b", "and"),
+    ast.Add: (r"\+", "-"), ast.Sub: (r"-", "+"),
+    ast.Mult: (r"(?<!\*)\*(?!\*)", "/"), ast.Div: (r"(?<!/)/(?!/)", "*"),
+    ast.Lt: (r"<(?![=<])", "<="), ast.LtE: (r"<=", "<"),
+    ast.Gt: (r"(?<!-)>(?![=>])", ">="), ast.GtE: (r">=", ">"),
+    ast.Eq: (r"==", "!="), ast.NotEq: (r"!=", "=="),
+    ast.And: (r"\band\b", "or"), ast.Or: (r"\bor\b", "and"),
 }
 NAMES = {"min": "max", "max": "min"}
-CONSTANTS = {(int, 0): "1", (int, 1): "0", (bool, True): "False", (bool, False): "True"}  # True == 1: key by type
+CONSTANTS = {(int, 0): "1", (int, 1): "0", (bool, True): "False", (bool, False): "True"}  # 1 == True as a key
 
 
 def mutants(source, constants=False):
@@ -50,7 +51,7 @@ def mutants(source, constants=False):
         return starts[line - 1] + col
 
     def between(left, right, op):  # the operator token in the gap between two operands
-        tok, pattern, new = FLIPS[type(op)]
+        pattern, new = FLIPS[type(op)]
         a, b = offset(left.end_lineno, left.end_col_offset), offset(right.lineno, right.col_offset)
         gap = re.sub(rb"#[^\n]*", lambda m: b" " * len(m.group()), data[a:b])  # ignore comments
         m = re.search(pattern.encode(), gap)

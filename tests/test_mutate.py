@@ -37,6 +37,9 @@ def test_enumerates_flips_outside_docstrings_comments_and_marked_lines():
     got = [(line, mutate.apply(MODULE, m).splitlines()[line - 1].strip())
            for m in mutate.mutants(MODULE) for line in [m[0]]]
     assert got == [(6, "return max(a + b, hi)"), (6, "return min(a - b, hi)"), (10, "return x <= 10")]
+    source = "x = f(0, 1, 2, True, 1.0)\n"
+    assert [mutate.apply(source, m) for m in mutate.mutants(source, constants=True)] == [
+        "x = f(1, 1, 2, True, 1.0)\n", "x = f(0, 0, 2, True, 1.0)\n", "x = f(0, 1, 2, False, 1.0)\n"]
 
 
 def test_kills_a_pinned_mutant_and_reports_a_survivor(tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from model import ModelConfig, Transformer
-from rollout import BlockManager, Engine, SamplingParams, Sequence, gpu_kv_budget, sample
+from rollout import BlockManager, Engine, PagedKV, SamplingParams, Sequence, gpu_kv_budget, sample
 from settings import SettingError
 
 CFG = ModelConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -453,3 +453,33 @@ def test_no_step_computes_more_than_max_num_batched_tokens(model):
     out = engine.generate(ps, SamplingParams(temperature=0, max_new_tokens=4))
     assert max(sizes) == 2 and sum(sizes) == 5 + 3 * 3  # every prompt token once, then 3 decodes each
     assert [c.token_ids for c in out] == [naive_greedy(model, p, 4) for p in ps]
+
+
+def test_only_pure_decode_steps_replay_a_graph(model):
+    # CUDA graphs exist only on a GPU; here an eager forward stands in for the replay, to check which
+    # steps take that path: the pure decode steps, never the prefill or a mixed step
+    engine = Engine(model, num_blocks=32, max_num_batched_tokens=8)
+    runner, replayed = engine.runner, []
+
+    def eager_replay(ids, pos, slots, ctx, tables):
+        replayed.append(ctx.shape[0])
+        return runner.model(ids, pos, attn=PagedKV(runner.k_cache, runner.v_cache, slots, ctx, tables,
+                                                   ctx.shape[0], None, 0))[0]
+    runner.use_graphs, runner._decode_graph = True, eager_replay
+    ps = prompts([3, 9], seed=7)
+    out = engine.generate(ps, SamplingParams(temperature=0, max_new_tokens=4))
+    # step 1 prefills 3 + 5 tokens, step 2 decodes the short one beside the long one's last 4 (mixed),
+    # steps 3 and 4 decode both, and step 5 decodes the long one's 4th token alone
+    assert replayed == [2, 2, 1]
+    assert [c.token_ids for c in out] == [naive_greedy(model, p, 4) for p in ps]
+
+
+def test_unseeded_requests_draw_the_engines_seed_sequence(model):
+    # requests without a seed take seed * 1_000_003 + 1, + 2, ... in turn: an engine seed reproduces
+    # every unseeded rollout, the numbers of past runs included
+    p = prompts([6], seed=8)[0]
+    first, second = Engine(model, num_blocks=32, seed=3).generate([p, p], SamplingParams(max_new_tokens=6))
+    seeded = Engine(model, num_blocks=32).generate([p, p], [SamplingParams(max_new_tokens=6, seed=s)
+                                                            for s in (3_000_010, 3_000_011)])
+    assert [first.token_ids, second.token_ids] == [c.token_ids for c in seeded]
+    assert first.token_ids != second.token_ids
