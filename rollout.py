@@ -241,9 +241,6 @@ class Scheduler:
     def add(self, seq):
         self.waiting.append(seq)
 
-    def has_work(self):
-        return bool(self.waiting or self.running)
-
     def schedule(self):
         """-> (this step's Batch, sequences finished because they alone outgrew the whole cache).
         Decode tokens go first (each costs one token of the budget), then prompt chunks fill the

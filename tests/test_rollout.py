@@ -255,6 +255,14 @@ def test_engine_arguments_are_checked(model, kwargs, message):
         Engine(model, **dict(dict(num_blocks=32), **kwargs))
 
 
+def test_the_smallest_cache_and_the_last_stop_id_are_accepted(model):
+    engine = Engine(model, num_blocks=2)  # two blocks: the least a prompt and its first token need
+    last, outside = SamplingParams(max_new_tokens=1, stop_token_ids=[CFG.vocab_size - 1]), \
+        SamplingParams(max_new_tokens=1, stop_token_ids=[CFG.vocab_size])
+    ok, bad = engine.generate(prompts([3, 3]), [last, outside])
+    assert ok.error is None and "stop_token_ids [101]" in bad.error
+
+
 def test_params_must_match_prompts(model):
     with pytest.raises(ValueError, match="1 SamplingParams for 2 prompts"):
         Engine(model, num_blocks=32).generate(prompts([3, 4]), [SamplingParams()])
