@@ -91,7 +91,7 @@ class Sequence:
 
     def token_slice(self, start, end):  # tokens[start:end] without concatenating prompt and output
         P = len(self.prompt)
-        if end <= P:
+        if end <= P:  # pragma: no mutate  at end == P both branches give prompt[start:]
             return self.prompt[start:end]
         if start >= P:
             return self.output[start - P:end - P]
@@ -370,7 +370,8 @@ def sample(logits, temperature, top_p, top_k, seeds, positions):
     scaled = logits.float()
     if any(t not in (0, 1) for t in temperature):  # greedy rows and temperature 1 divide by 1: exact
         scaled = scaled / torch.tensor([t or 1.0 for t in temperature], dtype=torch.float32, device=dev)[:, None]
-    if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+    nucleus = any(p < 1 for p in top_p)  # pragma: no mutate  at top_p 1 the sorted path drops nothing
+    if any(k > 0 for k in top_k) or nucleus:
         top_k = torch.tensor(top_k, device=dev)[:, None]
         top_p = torch.tensor(top_p, dtype=torch.float32, device=dev)[:, None]
         sorted_logits, order = scaled.sort(-1, descending=True)  # (B, V)
@@ -381,7 +382,7 @@ def sample(logits, temperature, top_p, top_k, seeds, positions):
         scaled = torch.full_like(scaled, -math.inf).scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
     logp = scaled.log_softmax(-1)  # (B, V)
     rows = [b for b, t in enumerate(temperature) if t != 0]
-    tokens = logp.argmax(-1) if len(rows) < B else None
+    tokens = logp.argmax(-1) if len(rows) < B else None  # pragma: no mutate  sampled rows overwrite it
     if rows:  # Gumbel-max: argmax(logp + g) is a sample from softmax(logp)
         seed = torch.tensor([seeds[b] & _M32 for b in rows], device=dev)
         pos = torch.tensor([positions[b] for b in rows], device=dev)

@@ -491,3 +491,25 @@ def test_unseeded_requests_draw_the_engines_seed_sequence(model):
                                                             for s in (3_000_010, 3_000_011)])
     assert [first.token_ids, second.token_ids] == [c.token_ids for c in seeded]
     assert first.token_ids != second.token_ids
+
+
+def test_top_k_up_to_int32_and_the_gumbel_noise_formula():
+    assert SamplingParams(top_k=2**31 - 1).top_k == 2**31 - 1
+    with pytest.raises(SettingError, match="top_k"):
+        SamplingParams(top_k=2**31)
+    # a sampled token is argmax(logp - log(-log u)), u = (23 hashed bits + 0.5) / 2^23, by (seed, position, id)
+    from rollout import _mix32
+    logits = torch.randn(2, 7, generator=torch.Generator().manual_seed(3))
+    tokens, logps = sample(logits, [1.0, 1.0], [1.0, 1.0], [0, 0], [11, 12], [5, 6])
+    for b, (seed, pos) in enumerate(((11, 5), (12, 6))):
+        bits = _mix32(_mix32(_mix32(_mix32(torch.tensor(seed)) ^ pos) ^ torch.arange(7))) >> 9
+        u = (bits.float() + 0.5) / 2.0**23
+        logp = logits[b].log_softmax(-1)
+        assert tokens[b] == (logp - torch.log(-torch.log(u))).argmax() and logps[b] == logp[tokens[b]]
+
+
+def test_token_slices_across_the_prompt_end():
+    seq = Sequence(0, [1, 2, 3], SamplingParams(), 0)
+    seq.output = [7, 8]
+    for start, end in ((0, 3), (1, 3), (1, 4), (2, 5), (3, 5), (4, 5)):
+        assert seq.token_slice(start, end) == seq.tokens[start:end]
