@@ -204,6 +204,11 @@ def test_agent_config_validates_saves_and_loads(tmp_path):
             AgentConfig.load(tmp_path)
 
 
+def test_a_template_is_a_built_in_name_or_a_file():
+    with pytest.raises(ValueError, match="template 'nope' is neither a built-in .* nor a file"):
+        AgentConfig(template="nope")
+
+
 @pytest.mark.parametrize("template, match", [
     ({"update": "{problem}{memory}{section}", "finall": "{problem}{memory}"},
      "unknown key 'finall'; did you mean 'final'"),
@@ -212,6 +217,7 @@ def test_agent_config_validates_saves_and_loads(tmp_path):
     ({"update": "{problem}{memory}{section}", "final": "{question}{memory}"}, "'final' has \\['\\{question\\}'\\]"),
     ({"update": "{problem}{memory}{section}", "final": "\\boxed{} {problem}{memory}"}, "'final' has \\['\\{\\}'\\]"),
     ({"update": "{problem}{memory}{section}"}, "no 'final' prompt"),
+    ({"update": "{problem}{memory}{section}", "final": "{problem}{memory} {"}, "'final' has \\['a lone brace'\\]"),
     ({"update": 3, "final": "{problem}{memory}"}, "'update' must be a string")])
 def test_template_files_are_refused_by_key(tmp_path, template, match):
     path = tmp_path / "t.json"
