@@ -245,7 +245,7 @@ def test_two_processes_rl_fsdp_and_export(tmp_path, tokenizer_path):
     assert model.config.vocab_size == 512 and load_tokenizer(out).vocab_size == 512
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-sft", "release-7b", "release-14b", "dapo-7b", "dapo-recipe-7b"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-sft", "release-7b", "release-14b", "release-dapo-7b", "dapo-recipe-7b"])
 def test_shipped_configs_parse(name):
     parse_config(["--config", os.path.join(ROOT, "configs", f"{name}.json"), "--model=micro"])
 
