@@ -546,9 +546,8 @@ def main(argv=None):
         p.error("--from reports saved results: give it without --model")
     if not args.sources and not args.model:
         p.error("--model is required (or --from to report saved results)")
-    unused = [f for f, given in (("--out", args.out), ("--traces", args.traces), ("--plot", args.plot),
-                                 ("--markdown", args.markdown)) if given and (args.closed_book or
-                                                                             (args.sources and f in ("--out", "--traces")))]
+    writes = (("--out", args.out), ("--traces", args.traces), ("--plot", args.plot), ("--markdown", args.markdown))
+    unused = [f for f, given in writes if given and (args.closed_book or args.sources and f in ("--out", "--traces"))]
     if unused:
         p.error(f"{', '.join(unused)} cannot go with {'--closed-book' if args.closed_book else '--from'}: "
                 "it writes no results there")

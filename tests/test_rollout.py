@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from model import ModelConfig, Transformer
-from rollout import BlockManager, Engine, PagedKV, SamplingParams, Sequence, gpu_kv_budget, sample
+from rollout import BlockManager, Engine, PagedKV, SamplingParams, Scheduler, Sequence, gpu_kv_budget, sample
 from settings import SettingError
 
 CFG = ModelConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -513,3 +513,21 @@ def test_token_slices_across_the_prompt_end():
     seq.output = [7, 8]
     for start, end in ((0, 3), (1, 3), (1, 4), (2, 5), (3, 5), (4, 5)):
         assert seq.token_slice(start, end) == seq.tokens[start:end]
+
+
+def test_a_started_prompt_spends_the_step_budget_before_new_ones_are_admitted():
+    # budget 16: step 1 admits a (10 tokens) and starts b (6 of 40); step 2 decodes a (1) and continues
+    # b (15), which spends the budget: c waits, and no step computes more than 16 tokens
+    sched = Scheduler(BlockManager(num_blocks=32, block_size=16), max_num_seqs=3, max_num_batched_tokens=16)
+    a, b, c = (Sequence(i, list(range(100 * i, 100 * i + n)), SamplingParams(), 0)
+               for i, n in enumerate((10, 40, 40)))
+    for s in (a, b, c):
+        sched.add(s)
+    batch, _ = sched.schedule()
+    assert [(s.id, n) for s, n in zip(batch.seqs, batch.num_tokens)] == [(0, 10), (1, 6)]
+    for s, n in zip(batch.seqs, batch.num_tokens):
+        s.num_computed += n
+    a.output.append(5)  # a's first token: now it decodes
+    batch, _ = sched.schedule()
+    assert [(s.id, n) for s, n in zip(batch.seqs, batch.num_tokens)] == [(0, 1), (1, 15)]
+    assert list(sched.waiting) == [c]

@@ -812,8 +812,9 @@ def test_ruler_qa_2_hotpotqa(tmp_path):
 
 # ---- the record boundary: any record is read into a usable sample or refused by file and field ----------
 
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.text(max_size=5),
-                   st.lists(st.text(max_size=3), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.text(max_size=5), st.lists(st.text(max_size=3),
+                                                                                              max_size=2),
+                   st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
 
 
 @settings(max_examples=80, deadline=None)
