@@ -93,7 +93,7 @@ class Sequence:
         P = len(self.prompt)
         if end <= P:  # pragma: no mutate  at end == P both branches give prompt[start:]
             return self.prompt[start:end]
-        if start >= P:
+        if start >= P:  # pragma: no mutate  at start == P both branches give output[:end - P]
             return self.output[start - P:end - P]
         return self.prompt[start:] + self.output[:end - P]
 
