@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -37,7 +37,7 @@ from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_outputs import Outputs, write_file
-from settings import EvalConfig, SettingError, as_dict, read_json
+from settings import EvalConfig, SettingError, read_json
 from tasks import (FRAMES, RULER_QA, SOURCED, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa,
                    load_jsonl, load_ruler_qa, make_samples, parse_length, read_records, score)
 from tokenizer import load_tokenizer
@@ -239,7 +239,7 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
             engine = make_engine(model, samples * n, seed, progress)
         run_cell = cell_runner(engine, tokenizer, agent, mode, params, n, progress, frame)
         config = dict(tasks=list(tasks), lengths=[str(l) for l in lengths], samples=samples, n=n, mode=mode,
-                      agent=as_dict(agent), temperature=temperature, top_p=top_p, seed=seed, frame=frame)
+                      agent=asdict(agent), temperature=temperature, top_p=top_p, seed=seed, frame=frame)
         res, trace_lines = dict(config=config, complete=False, results=[], predictions=[]), []
         if progress:
             print(HEADER, flush=True)
@@ -561,7 +561,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         p.error(str(e))
     if not args.sources:
-        print(f"agent: {as_dict(agent)}")
+        print(f"agent: {asdict(agent)}")
         dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
         if tokenizer.vocab_size > model.config.vocab_size:

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 from collections import deque
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -27,7 +27,7 @@ import torch
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_outputs import write_file
-from settings import SettingError, Settings, as_dict, at_least, build, nearest, option, read_json
+from settings import SettingError, Settings, at_least, build, nearest, option, read_json
 from tasks import FRAMES, Sample, extract_answer_is, extract_boxed
 from tokenizer import load_tokenizer
 
@@ -135,7 +135,7 @@ class AgentConfig(Settings):
 
     def save(self, model_dir, outputs=None):
         """Write model_dir/agent.json; a template file is copied in beside it (agent_template.json)."""
-        cfg = as_dict(self)
+        cfg = asdict(self)
         if self.template not in TEMPLATES:
             cfg["template"] = "agent_template.json"
             write_file(os.path.join(model_dir, cfg["template"]), json.dumps(load_template(self.template), indent=1))
@@ -501,7 +501,7 @@ def main(argv=None):
         tok = load_tokenizer(args.tokenizer or args.model)
     except (ValueError, OSError) as e:
         p.error(str(e))
-    print(f"agent: {as_dict(agent_cfg)}")
+    print(f"agent: {asdict(agent_cfg)}")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
     try:

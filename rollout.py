@@ -613,8 +613,12 @@ class Engine:
             prompt = prompt.tolist()
         if not prompt:
             raise ValueError("empty prompt")
-        bad = next((t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)
-                    or not 0 <= t < self.vocab_size), None)
+        if all(type(t) is int for t in prompt):  # the usual case, checked without a Python test per token
+            lo, hi = min(prompt), max(prompt)
+            bad = lo if lo < 0 else hi if hi >= self.vocab_size else None
+        else:
+            bad = next((t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)
+                        or not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt holds token id {bad!r}, outside the vocabulary [0, {self.vocab_size})")
         if len(prompt) >= self.max_len:

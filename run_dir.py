@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 from contextlib import contextmanager
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -24,7 +25,6 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 import eval as evaluation
 from model import Transformer
-from settings import as_dict
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class Checkpointer:
             if self.rank == 0:
                 with open(os.path.join(tmp, "trainer.json"), "w") as f:
                     json.dump(dict(state, scheduler=sched.state_dict(), world=self.world,
-                                   config=as_dict(self.cfg)), f, indent=2)
+                                   config=asdict(self.cfg)), f, indent=2)
         except (OSError, CheckpointException) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(self._write_error(final, e)) from None

@@ -20,7 +20,7 @@ class OutputError(ValueError):
     """An output cannot be claimed where asked (a bad argument); the message names it."""
 
 
-def write_file(path, data, mode="w"):
+def write_file(path, data):
     """Replace `path` by `data` (str or bytes) atomically, or raise OSError leaving it as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
@@ -29,7 +29,7 @@ def write_file(path, data, mode="w"):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's owner-only 0600
-        with os.fdopen(fd, mode + ("b" if isinstance(data, bytes) else "")) as f:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -148,10 +148,6 @@ def build(cls, values, where, prefix=""):
         raise SettingError(f"{where}: {e}") if not str(e).startswith(where) else e from None
 
 
-def as_dict(settings):
-    return dataclasses.asdict(settings)
-
-
 def merge(base, update):
     """Deep merge of nested dicts: update's keys win."""
     out = dict(base)

@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -34,7 +34,7 @@ from model import TINY_CONFIGS, build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_dir import Checkpointer, all_max, all_sum, barrier, log_step, setup_distributed, summary, tensorboard
 from settings import (INT64, TASK_FILES, DataConfig, EngineConfig, EvalConfig, OptimConfig, RLConfig, SettingError,
-                      Settings, as_dict, at_least, build, flatten, merge, nest, one_of, option, parse_flags, read_json,
+                      Settings, at_least, build, flatten, merge, nest, one_of, option, parse_flags, read_json,
                       within)
 from tokenizer import load_tokenizer, train_sentencepiece
 from warm_start import COPY_ROW_TOKENS, TOKENIZER_TASKS, copy_rows, teacher_rows, tiny_corpus
@@ -136,7 +136,7 @@ def parse_config(argv):
     model = values.get("model", Config.model)
     saved = AgentConfig.load(model) if isinstance(model, str) and os.path.isdir(model) else None
     if saved is not None:
-        values["agent"] = merge(as_dict(saved), values.get("agent", {}))
+        values["agent"] = merge(asdict(saved), values.get("agent", {}))
     return build(Config, values, f"{path} and the command line" if path else "command line")
 
 
@@ -156,7 +156,7 @@ def settings_of_the_run(cfg, checkpoints):
 
 def check_resume(cfg, saved, where):
     """A resumed run keeps the settings it was made with, so that its record does not lie."""
-    now, then = flatten(as_dict(cfg)), flatten(saved)
+    now, then = flatten(asdict(cfg)), flatten(saved)
     for d in (now, then):  # the same file, however it is spelt
         d.update({k: os.path.realpath(d[k]) for k in ("model", "tokenizer", "out_dir") if os.path.exists(d[k] or "")})
     changed = [k for k in sorted(set(now) | set(then)) if k not in RESUMABLE and now.get(k) != then.get(k)]
@@ -688,7 +688,7 @@ class Trainer:
             self.checkpoints.export(self.model, self.tok, cfg.agent, cfg.export)
             self.log(f"exported step {self.step} of {cfg.out_dir} to {cfg.export}")
             return []
-        self.log(json.dumps(as_dict(cfg), indent=2))
+        self.log(json.dumps(asdict(cfg), indent=2))
         self.log(f"model {cfg.model}: {self.model.num_params() / 1e6:.2f}M parameters, world {self.world}, "
                  f"{'fsdp' if self.learner.fsdp else 'ddp'}, device {self.device}")
         tb = tensorboard(cfg.out_dir) if self.rank == 0 else None

@@ -2,9 +2,10 @@
 configs, the task list against the registry, every link against the files."""
 import os
 import re
+from dataclasses import asdict
 
 import tasks
-from settings import as_dict, flatten
+from settings import flatten
 from train import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def test_recipe_table_matches_the_configs():
         cells = [c.strip() for c in line.strip("|").split("|")]
         key = cells[0].strip("`")
         for name, claimed in zip(names, cells[1:4]):
-            actual = flatten(as_dict(cfgs[name]))[key]
+            actual = flatten(asdict(cfgs[name]))[key]
             assert str(actual).lower() == claimed.lower(), (key, name, actual, claimed)
         rows += 1
     assert rows >= 15
