@@ -488,7 +488,7 @@ def rollout_metrics(seen, kept=()):
     by_task = {}
     for s, g, rs in seen:
         task = s.meta.get("task", "data")
-        right = sum(tasks.score(s, t.answer) for t in g)
+        right = sum(tasks.score(s, t.answer_text) for t in g)
         for key, value in ((f"reward/{task}", sum(rs)), (f"accuracy/{task}", right),
                            (f"trajectories/{task}", len(g)), (f"groups/{task}", 1)):
             by_task[key] = by_task.get(key, 0) + value

@@ -40,3 +40,17 @@ def test_no_matplotlib_no_plot_and_a_note(tmp_path, monkeypatch, capsys):
     assert ev.plot_curves(str(tmp_path / "metrics.jsonl")) is None
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_rollout_metrics_score_each_task_on_the_whole_answer():
+    """Accuracy per task and overall read the same thing: the final answer's text, as the scorer expects."""
+    from memory_agent import Trajectory
+    from tasks import Sample
+    from train import rollout_metrics
+
+    def group(task, answers):
+        s = Sample(task, "q?", "doc", ["42"], dict(task=task, scorer="exact_match"))
+        return s, [Trajectory(task, k, answer_text=a, answer=None) for k, a in enumerate(answers)], [0.0] * len(answers)
+
+    m = rollout_metrics([group("niah_single", ["\\boxed{42}", "\\boxed{7}"]), group("vt", ["\\boxed{42}"] * 2)])
+    assert (m["accuracy/niah_single"], m["accuracy/vt"], m["accuracy"]) == (1, 2, 3)
