@@ -3,7 +3,7 @@
     python eval.py --model checkpoints/tiny --tasks niah_single,vt --lengths 1k,64k --out tiny.json
     python eval.py --model out/memagent-7b --tasks hotpotqa:hotpot_dev.json --protocol memagent --out 7b.json
     python eval.py --model out/memagent-7b --tasks niah_single_2:essays.txt,qa_1:squad_dev.json --protocol ruler
-    python eval.py --from tiny.json qwen7b.json --plot overlay.png --markdown   # nothing is run
+    python eval.py --report tiny.json,qwen7b.json --plot overlay.png --markdown   # nothing is run
     python eval.py --model Qwen2.5-7B-Instruct --tasks hotpotqa:hotpot_dev.json --closed-book hard.jsonl --samples 200
 
 The agent's budgets and template come from the checkpoint's agent.json (flags override them). Each
@@ -22,27 +22,27 @@ tokens). --mode direct puts the whole document in one prompt, cut in the middle 
 held them, by the release's rule (see CLOSED_BOOK). Every input is checked before the first cell,
 and --out is rewritten after each cell ("complete": false until the end).
 """
-import argparse
 import io
 import json
 import math
 import os
+import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 import trace_page
-from memory_agent import AgentConfig, MemoryAgent, add_agent_flags, agent_config, document_tokens
+from memory_agent import AgentConfig, MemoryAgent, ModelSettings, agent_json, document_tokens
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_outputs import Outputs, write_file
-from settings import EvalConfig, SettingError, read_json
+from settings import (INT64, TEMPERATURE, TOP_P, EvalConfig, SettingError, at_least, check_repeats, merge, one_of,
+                      option, read_json, within)
 from tasks import (FRAMES, RULER_QA, SOURCED, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa,
                    load_jsonl, load_ruler_qa, make_samples, parse_length, read_records, score)
 from tokenizer import load_tokenizer
 
-DEFAULTS = dict(lengths="8k", samples=64, n=1, temperature=0.0, top_p=1.0, seed=0, frame="boxed")
 # the release's RULER-HotpotQA evaluation (its lengths are documents: about 7K ... 3.5M tokens): its
 # final turn asks for "Therefore, the answer is ..." (--frame boxed asks for a box instead)
 PROTOCOLS = {"memagent": dict(lengths=",".join(str(50 * 2**i) for i in range(10)), samples=128, n=1,
@@ -455,76 +455,68 @@ def read_results(paths):
     return runs
 
 
-def resolve_protocol(p, args):
-    """Fill the flags left unset from --protocol's values, or the defaults (--closed-book: its own);
-    a protocol fixes its own."""
-    preset = PROTOCOLS[args.protocol] if args.protocol else CLOSED_BOOK if args.closed_book else DEFAULTS
-    fixed = [k for k in preset if k not in OPEN and getattr(args, k) is not None] if args.protocol else []
-    if fixed:
-        p.error(f"--protocol {args.protocol} fixes {', '.join('--' + k.replace('_', '-') for k in fixed)}")
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+@dataclass
+class SweepSettings(ModelSettings):
+    tasks: str = "niah_single"  # comma list: task names, NAME:FILE (essay tasks, qa_1, qa_2), hotpotqa:FILE, jsonl:FILE
+    mode: str = option("agent", one_of("agent", "direct"))  # direct: the whole document in one prompt
+    lengths: str = "8k"  # comma list: tokens (8k, 128k); documents for hotpotqa
+    samples: int | None = option(64, at_least(1))  # questions per cell (--closed-book: default all)
+    n: int = option(1, at_least(1))  # rollouts per question, all scored
+    temperature: float = option(0.0, TEMPERATURE)  # 0: greedy
+    top_p: float = option(1.0, TOP_P)
+    seed: int = option(0, within(0, INT64))
+    frame: str = option("boxed", one_of(*FRAMES))  # how the final turn gives its answer
+    protocol: str = option("", one_of("", *PROTOCOLS))  # a published evaluation's settings (PROTOCOLS)
+    label: str = ""  # the run's name in plots and tables (default: the model's)
+    out: str = ""  # results and predictions, JSON, rewritten after every cell
+    traces: str = ""  # each rollout's memories and answer, JSONL, and a page of them beside it (X.html)
+    closed_book: str = ""  # JSONL: the records of the one hotpotqa or jsonl task the model cannot answer alone
+    plot: str = ""  # accuracy vs length, PNG (needs matplotlib)
+    markdown: bool = False  # print markdown tables of the results
+    report: str = ""  # comma list of results files to report (with plot, markdown): nothing is run
+
+    @classmethod
+    def below(cls, values):
+        """A protocol's values (it fixes them), or --closed-book's (the release's filter), under the flags."""
+        preset = PROTOCOLS.get(values.get("protocol")) or (dict(CLOSED_BOOK, samples=None)
+                                                           if values.get("closed_book") else {})
+        fixed = [k for k in preset if k not in OPEN and k in values] if values.get("protocol") else []
+        if fixed:
+            raise SettingError(f"--protocol {values['protocol']} fixes {', '.join('--' + k for k in fixed)}")
+        return merge(preset, agent_json(values.get("model")))
+
+    def check_together(self):
+        if bool(self.model) == bool(self.report):
+            raise SettingError("give --model to run a sweep, or --report FILES to report saved results")
+        super().check_together()
+        writes = {"out": self.out, "traces": self.traces, "plot": self.plot, "markdown": self.markdown}
+        unused = [k for k, v in writes.items() if v and (self.closed_book or self.report and k in ("out", "traces"))]
+        if unused:
+            raise SettingError(f"{', '.join('--' + k for k in unused)} cannot go with "
+                               f"{'--closed-book' if self.closed_book else '--report'}: it writes no results there")
+        kinds = [t.partition(":")[0] for t in self.tasks.split(",")]
+        if self.closed_book and (len(kinds) != 1 or kinds[0] not in ("hotpotqa", "jsonl")):
+            raise SettingError(f"--closed-book takes one hotpotqa:FILE or jsonl:FILE task, got {self.tasks!r}")
+        if self.protocol == "memagent" and not set(kinds) <= {"hotpotqa", "jsonl"}:
+            raise SettingError("--protocol memagent scores hotpotqa or jsonl questions with sub_em; the synthetic "
+                               "tasks have their own scorers")
+        check_repeats(self.n, self.temperature)
 
 
-def parser():
-    p = argparse.ArgumentParser(description="Evaluate a model as a memory agent over tasks x lengths.")
-    p.add_argument("--model", help="HF checkpoint directory (or a tiny config name: random weights)")
-    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
-    p.add_argument("--tasks", default="niah_single", help="comma-separated: task names, hotpotqa:FILE, jsonl:FILE")
-    p.add_argument("--mode", choices=("agent", "direct"), default="agent")
-    add_agent_flags(p)
-    for key, kind, text in (("lengths", str, "comma-separated: tokens (8k,128k); documents for hotpotqa"),
-                            ("samples", int, "questions per cell"), ("n", int, "rollouts per question, all scored"),
-                            ("temperature", float, "0: greedy"), ("top_p", float, "nucleus mass"),
-                            ("seed", int, "sampling seed"),
-                            ("frame", str, f"how the final turn gives its answer, one of {', '.join(FRAMES)}")):
-        p.add_argument("--" + key.replace("_", "-"), type=kind, choices=FRAMES if key == "frame" else None,
-                       help=f"{text} (default {DEFAULTS[key]})")
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="a published evaluation's settings (ruler: "
-                   f"the release's RULER sweep, whose tasks are {','.join(RULER_TASKS)})")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--label", help="the run's name in plots and tables (default: the model's)")
-    p.add_argument("--out", help="write results and predictions to this JSON file (after every cell)")
-    p.add_argument("--traces", help="write each rollout's memories and answer to this JSONL file, and "
-                   "a page of them beside it (X.jsonl -> X.html)")
-    p.add_argument("--closed-book", metavar="OUT_JSONL", help="write the records of the one hotpotqa or jsonl "
-                   "task whose question the model cannot answer without the document (of its first --samples "
-                   "records, default all; --n 2, --temperature 1.0, --top-p 0.7 unless given)")
-    p.add_argument("--plot", help="write accuracy vs length to this PNG (needs matplotlib)")
-    p.add_argument("--markdown", action="store_true", help="print markdown tables of the results")
-    p.add_argument("--from", dest="sources", nargs="+", metavar="JSON", help="report these results; run nothing")
-    return p
-
-
-def check_inputs(args):
-    """Everything a run reads or writes, checked before the model is loaded -> (agent config, tokenizer,
-    the closed-book question file or None, the claimed Outputs). ValueError/OSError naming the bad input."""
+def check_inputs(args, tokenizer):
+    """Every file a sweep reads or writes, checked before the model is loaded -> (the closed-book question
+    file or None, the claimed Outputs). ValueError/OSError naming the bad input."""
     tasks = args.tasks.split(",")
-    agent = agent_config(args.model, args)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    EvalConfig(samples=1 if args.samples is None else args.samples, n=args.n, temperature=args.temperature,
-               top_p=args.top_p, seed=args.seed)  # (--closed-book without --samples reads every question)
-    if args.closed_book and (len(tasks) != 1 or tasks[0].partition(":")[0] not in ("hotpotqa", "jsonl")):
-        raise ValueError(f"--closed-book takes one hotpotqa:FILE or jsonl:FILE task, got {args.tasks!r}")
     cells = plan(tasks, ["1"]) if args.closed_book else check_sweep(tasks, args.lengths.split(","), args.samples,
                                                                     tokenizer, args.seed)
-    if args.protocol == "memagent" and any(kind not in ("hotpotqa", "jsonl") for _, kind, _, _ in cells):
-        raise ValueError(f"--protocol {args.protocol} scores hotpotqa or jsonl questions with sub_em; "
-                         f"the synthetic tasks have their own scorers")
-    try:
-        torch.device(args.device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {args.device!r}: {str(e).splitlines()[0]}") from None
-    template = agent.template if os.path.isfile(agent.template) else None
+    template = args.agent.template if os.path.isfile(args.agent.template) else None
     outputs = Outputs(reads=task_files(cells) + [args.model, args.tokenizer, template])
     for path, what in ((args.out, "--out"), (args.traces, "--traces"), (args.closed_book, "--closed-book"),
                        (args.traces and trace_page.page_path(args.traces), "--traces page"),
                        (args.plot, "--plot")):
         outputs.claim(path, what)
     questions = question_file(*tasks[0].split(":", 1)) if args.closed_book else None
-    return agent, tokenizer, questions, outputs
+    return questions, outputs
 
 
 def run_closed_book(args, model, tokenizer, question_set, outputs):
@@ -540,41 +532,24 @@ def run_closed_book(args, model, tokenizer, question_set, outputs):
 
 
 def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    if args.sources and args.model:
-        p.error("--from reports saved results: give it without --model")
-    if not args.sources and not args.model:
-        p.error("--model is required (or --from to report saved results)")
-    writes = (("--out", args.out), ("--traces", args.traces), ("--plot", args.plot), ("--markdown", args.markdown))
-    unused = [f for f, given in writes if given and (args.closed_book or args.sources and f in ("--out", "--traces"))]
-    if unused:
-        p.error(f"{', '.join(unused)} cannot go with {'--closed-book' if args.closed_book else '--from'}: "
-                "it writes no results there")
     try:
-        if args.sources:
-            runs, outputs = read_results(args.sources), Outputs(reads=args.sources)
+        args = SweepSettings.from_argv(sys.argv[1:] if argv is None else argv, __doc__)
+        if args.report:
+            runs, outputs = read_results(args.report.split(",")), Outputs(reads=args.report.split(","))
             outputs.claim(args.plot, "--plot")
         else:
-            resolve_protocol(p, args)
-            agent, tokenizer, question_set, outputs = check_inputs(args)
-    except (ValueError, OSError) as e:
-        p.error(str(e))
-    if not args.sources:
-        print(f"agent: {asdict(agent)}")
-        dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-        model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            p.error(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
-        if question_set:
-            return run_closed_book(args, model, tokenizer, question_set, outputs)
-        try:
-            res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, agent,
+            print(f"agent: {asdict(args.agent)}")
+            questions, outputs = check_inputs(args, load_tokenizer(args.tokenizer or args.model))
+            tokenizer, model = args.load()
+            if questions:
+                return run_closed_book(args, model, tokenizer, questions, outputs)
+            res = evaluate(model, tokenizer, args.tasks.split(","), args.lengths.split(","), args.samples, args.agent,
                            args.mode, args.temperature, args.top_p, args.n, args.seed, progress=True, out=args.out,
                            traces=args.traces, outputs=outputs, frame=args.frame)
-        except SettingError as e:  # the agent's budgets against this model's positions
-            p.error(str(e))
-        res["config"].update(model=args.model, tokenizer=args.tokenizer or args.model, dtype=dtype,
+    except (ValueError, OSError) as e:
+        sys.exit(f"eval.py: {e}")
+    if not args.report:
+        res["config"].update(model=args.model, tokenizer=args.tokenizer or args.model, dtype=args.dtype,
                              device=args.device, label=args.label, protocol=args.protocol)
         if args.out:  # evaluate wrote each cell; this adds where the run came from
             outputs.write_json(args.out, res)

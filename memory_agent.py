@@ -11,14 +11,13 @@ token slices, the template's text pieces are tokenized once, and the memory the 
 spliced back as the ids it generated. Trajectories advance independently through the engine:
 when one turn finishes, that trajectory's next turn is queued at once.
 """
-import argparse
 import json
 import math
 import os
 import re
 import sys
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -27,7 +26,8 @@ import torch
 from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_outputs import write_file
-from settings import SettingError, Settings, at_least, build, nearest, option, read_json
+from settings import (INT64, TEMPERATURE, TOP_P, SettingError, Settings, at_least, build, nearest, one_of, option,
+                      read_json, within)
 from tasks import FRAMES, Sample, extract_answer_is, extract_boxed
 from tokenizer import load_tokenizer
 
@@ -455,59 +455,73 @@ class MemoryAgent:
 
 
 # --------------------------------------------------------------------------------------------
-# command line: the agent's flags (shared with eval.py) and the one-document quickstart
+# command line: the model settings (shared with eval.py) and the one-document quickstart
 
-def add_agent_flags(parser):
-    """--chunk-tokens, --memory-tokens, --answer-tokens, --question-tokens, --template."""
-    for f in fields(AgentConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=_true_or_false if f.type is bool else f.type,
-                            help=f"overrides the checkpoint's agent.json (without one: {f.default})")
-
-
-def _true_or_false(text):
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() == "true"
+def agent_json(model):
+    """The settings a checkpoint directory's agent.json gives, under a run's file and flags."""
+    saved = AgentConfig.load(model) if isinstance(model, str) and os.path.isdir(model) else None
+    return {"agent": asdict(saved)} if saved else {}
 
 
-def agent_config(model, args):
-    """The checkpoint's agent.json (AgentConfig() where there is none) with the flags given applied."""
-    base = (AgentConfig.load(model) if os.path.isdir(model) else None) or AgentConfig()
-    return replace(base, **{f.name: getattr(args, f.name) for f in fields(AgentConfig)
-                            if getattr(args, f.name) is not None})
+@dataclass
+class ModelSettings(Settings):
+    """A checkpoint to load, and how it reads as a memory agent (its agent.json under the flags)."""
+    model: str = ""  # a HF checkpoint directory, or a tiny config name (random weights)
+    tokenizer: str = ""  # a tokenizer file or directory (default: the model directory)
+    dtype: str = option("", one_of("", "bfloat16", "float32"))  # default: bfloat16 on cuda, float32 on cpu
+    device: str = ""  # default: cuda when there is one, else cpu
+    agent: AgentConfig = option(AgentConfig)
+
+    @classmethod
+    def below(cls, values):
+        return agent_json(values.get("model"))
+
+    def check_together(self):
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            torch.device(device)
+        except RuntimeError as e:
+            raise SettingError(f"'device' {device!r}: {str(e).splitlines()[0]}") from None
+        self.device, self.dtype = device, self.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+    def load(self):
+        """-> (tokenizer, model)."""
+        tok = load_tokenizer(self.tokenizer or self.model)
+        model = build_model(self.model, dtype=getattr(torch, self.dtype), device=self.device)
+        if tok.vocab_size > model.config.vocab_size:
+            raise SettingError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+        return tok, model
+
+
+@dataclass
+class ReadSettings(ModelSettings):
+    document: str = ""  # a UTF-8 text file (read line by line, never whole)
+    question: str = ""
+    temperature: float = option(0.0, TEMPERATURE)  # 0: greedy
+    top_p: float = option(1.0, TOP_P)
+    seed: int = option(0, within(0, INT64))
+    quiet: bool = False  # a progress bar instead of the memory after each chunk
+
+    def check_together(self):
+        super().check_together()
+        for key in ("model", "document", "question"):
+            if not getattr(self, key).strip():
+                raise SettingError(f"'{key}' is required")
+        if not os.path.isfile(self.document):
+            raise SettingError(f"'document': no such file {self.document!r}" if not os.path.exists(self.document)
+                               else f"'document': {self.document!r} is not a file")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Read one document with a memory agent and answer a question.")
-    p.add_argument("--model", required=True, help="HF checkpoint directory (or a tiny config name: random weights)")
-    p.add_argument("--document", required=True, help="a UTF-8 text file (read line by line, never whole)")
-    p.add_argument("--question", required=True)
-    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
-    add_agent_flags(p)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="a progress bar instead of the memory after each chunk")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    try:  # every argument is checked before the model is loaded
-        agent_cfg = agent_config(args.model, args)
-        if not os.path.isfile(args.document):
-            raise ValueError(f"--document: no such file {args.document!r}" if not os.path.exists(args.document)
-                             else f"--document: {args.document!r} is not a file")
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        sample = Sample("document", args.question, Path(args.document), [])
-        tok = load_tokenizer(args.tokenizer or args.model)
+    try:  # every setting is checked before the model is loaded
+        args = ReadSettings.from_argv(sys.argv[1:] if argv is None else argv, __doc__)
+        print(f"agent: {asdict(args.agent)}")
+        tok, model = args.load()
+        agent = MemoryAgent(Engine(model), tok, args.agent, keep_conversations=False)
     except (ValueError, OSError) as e:
-        p.error(str(e))
-    print(f"agent: {asdict(agent_cfg)}")
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    model = build_model(args.model, dtype=getattr(torch, dtype), device=args.device)
-    try:
-        agent = MemoryAgent(Engine(model), tok, agent_cfg, keep_conversations=False)
-    except ValueError as e:
-        p.error(str(e))
+        sys.exit(f"memory_agent.py: {e}")
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    sample = Sample("document", args.question, Path(args.document), [])
     bar = None
     if args.quiet:
         from tqdm import tqdm

@@ -16,8 +16,11 @@ This file holds the machinery and the training run's sections; the tree's root i
 import dataclasses
 import decimal
 import difflib
+import inspect
 import json
 import math
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -122,6 +125,38 @@ class Settings:
 
     def check_together(self):
         """Rules that tie fields together (override)."""
+
+    @classmethod
+    def below(cls, values) -> dict:
+        """Settings that the file and flags `values` go over (override: a checkpoint's agent.json)."""
+        return {}
+
+    @classmethod
+    def from_argv(cls, argv, doc=""):
+        """`--config FILE` (dotted keys allowed), then the flags over it, over `below` -> a checked cls.
+        --help prints `doc` and every setting."""
+        flags, path = parse_flags(argv)
+        if flags.pop("help", None):
+            print(doc.strip() + "\n\nsettings (--key=value or --key value; --config FILE holds them as JSON):")
+            print("\n".join(usage(cls)))
+            sys.exit(0)
+        values = merge(nest(read_json(path, "a JSON object of settings"), path) if path else {}, flags)
+        return build(cls, merge(cls.below(values), values), f"{path} and the command line" if path else "command line")
+
+
+def usage(cls, prefix=""):
+    """Each setting of cls as a flag: its default, its rule, and the comment beside its declaration."""
+    notes = dict(re.findall(r"^ +(\w+):[^#\n]*# *(.+)$", "".join(inspect.getsource(c) for c in cls.__mro__
+                                                                 if issubclass(c, Settings)), re.M))
+    lines, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if isinstance(hints[f.name], type) and issubclass(hints[f.name], Settings):
+            lines += usage(hints[f.name], prefix + f.name + ".")
+            continue
+        rule = f.metadata.get("check")
+        lines.append(f"  --{prefix}{f.name}={f.default}" + (f"  ({rule[1]})" if rule else "")
+                     + (f"  {notes[f.name]}" if f.name in notes else ""))
+    return lines
 
 
 def nearest(name, names, prefix=""):

@@ -29,13 +29,12 @@ import torch.distributed as dist
 import dapo
 import eval as evaluation
 import tasks
-from memory_agent import AgentConfig, MemoryAgent, document_tokens
+from memory_agent import AgentConfig, MemoryAgent, agent_json, document_tokens
 from model import TINY_CONFIGS, build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_dir import Checkpointer, all_max, all_sum, barrier, log_step, setup_distributed, summary, tensorboard
 from settings import (INT64, TASK_FILES, DataConfig, EngineConfig, EvalConfig, OptimConfig, RLConfig, SettingError,
-                      Settings, at_least, build, flatten, merge, nest, one_of, option, parse_flags, read_json,
-                      within)
+                      Settings, at_least, build, flatten, merge, one_of, option, within)
 from tokenizer import load_tokenizer, train_sentencepiece
 from warm_start import COPY_ROW_TOKENS, TOKENIZER_TASKS, copy_rows, teacher_rows, tiny_corpus
 
@@ -66,6 +65,10 @@ class Config(Settings):
     optim: OptimConfig = option(OptimConfig)
     engine: EngineConfig = option(EngineConfig)
     eval: EvalConfig = option(EvalConfig)
+
+    @classmethod
+    def below(cls, values):
+        return agent_json(values.get("model", cls.model))
 
     def check_together(self):
         if self.model not in TINY_CONFIGS and not os.path.isdir(self.model):
@@ -126,18 +129,6 @@ def check_task_spec(key, spec, files=True):
 # what a resumed run may change: how long it runs and how it reports, never what it computes
 RESUMABLE = {"steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "progress", "resume", "export",
              "eval.every"}
-
-
-def parse_config(argv):
-    """--config FILE (or --config=FILE) first, then --key=value (or --key value) overrides; a bare flag
-    (--resume) means true. Agent keys not set here come from the model directory's agent.json, if any."""
-    flags, path = parse_flags(argv)
-    values = merge(nest(read_json(path, "a JSON object of settings"), path) if path else {}, flags)
-    model = values.get("model", Config.model)
-    saved = AgentConfig.load(model) if isinstance(model, str) and os.path.isdir(model) else None
-    if saved is not None:
-        values["agent"] = merge(asdict(saved), values.get("agent", {}))
-    return build(Config, values, f"{path} and the command line" if path else "command line")
 
 
 def settings_of_the_run(cfg, checkpoints):
@@ -754,7 +745,7 @@ def _rss_bytes():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        Trainer(parse_config(argv)).train()
+        Trainer(Config.from_argv(argv, __doc__)).train()
     except (ValueError, OSError) as e:  # a setting, or a file it names (data, tokenizer, out_dir)
         sys.exit(f"train.py: {e}")
     # Only after a clean run, and only once every rank is done communicating: a rank that tears its

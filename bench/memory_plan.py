@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelConfig, Transformer  # noqa: E402
-from train import parse_config  # noqa: E402
+from train import Config  # noqa: E402
 
 SHAPES = {  # from the checkpoints' config.json
     "qwen2.5-7b": ModelConfig(family="qwen2", vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28,
@@ -77,7 +77,7 @@ def main():
     if bool(args.shape) == bool(args.model_config):
         ap.error("give one of --shape and --model-config")
     mc = SHAPES[args.shape] if args.shape else ModelConfig.from_hf(args.model_config)
-    cfg = parse_config(["--config", args.config, "--model=micro"])  # the model key is not needed here
+    cfg = Config.from_argv(["--config", args.config, "--model=micro"])  # the model key is not needed here
     P, rows = plan(cfg, mc, args.world, args.card_gb)
     print(f"{P / 1e9:.2f}B parameters, {mc.num_layers} layers, hidden {mc.hidden_size}, {mc.num_kv_heads} KV heads "
           f"of {mc.head_dim}; {args.world} ranks, {args.card_gb:.0f} GB cards\n")

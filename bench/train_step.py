@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train import Trainer, parse_config  # noqa: E402
+from train import Config, Trainer  # noqa: E402
 
 
 def matmul_peak(device, dtype, n=1024, reps=20):
@@ -44,7 +44,7 @@ def main():
     args, extra = p.parse_known_args()  # the rest: --key=value config overrides, as for train.py
     torch.set_num_threads(args.threads)
     out = tempfile.mkdtemp(prefix="train_step_")
-    cfg = parse_config(["--config", args.config, f"--steps={args.steps}", f"--out_dir={out}",
+    cfg = Config.from_argv(["--config", args.config, f"--steps={args.steps}", f"--out_dir={out}",
                         "--rl.dynamic_sampling=false", "--checkpoint_every=1000000", "--progress=false", *extra])
     trainer = Trainer(cfg)
     params = sum(p.numel() for p in trainer.model.parameters())

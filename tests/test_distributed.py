@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 import dapo, train
 
 out, args = sys.argv[1], sys.argv[2:]
-cfg = train.parse_config(args)
+cfg = train.Config.from_argv(args)
 rank, world, device = train.setup_distributed()
 learner = train.Learner(cfg, world, device, vocab_size=0)
 g = torch.Generator().manual_seed(0)

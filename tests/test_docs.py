@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 import tasks
 from settings import flatten
-from train import parse_config
+from train import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ def test_recipe_table_matches_the_configs():
     lines = read("docs/reproducing.md").split("<!-- recipe table -->")[1].strip().splitlines()
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     names = head[1:4]
-    cfgs = {n: parse_config(["--config", os.path.join(ROOT, "configs", f"{n}.json"), "--model=micro"]) for n in names}
+    cfgs = {n: Config.from_argv(["--config", os.path.join(ROOT, "configs", f"{n}.json"), "--model=micro"]) for n in names}
     rows = 0
     for line in lines[2:]:
         if not line.startswith("|"):

@@ -256,52 +256,48 @@ def test_bad_arguments(checkpoint, tmp_path, capsys):
                                   (["hotpotqa:/no/such.json"], ["50"], "no such file")):
         with pytest.raises(ValueError, match=match):
             ev.evaluate(model, tok, tasks, lengths, 1, AGENT)
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(SystemExit, match=match):
             ev.main(["--model", str(path), "--tasks", ",".join(tasks), "--lengths", ",".join(lengths)])
-        assert e.value.code == 2 and match in capsys.readouterr().err
     (tmp_path / "old.json").write_text('{"results": []}')
-    for argv, match in ((["--samples", "0"], "'eval.samples' must be >= 1, got 0"),
-                        (["--chunk-tokens", "0"], "'agent.chunk_tokens' must be"),
+    for argv, match in ((["--samples", "0"], "'samples' must be >= 1, got 0"),
+                        (["--agent.chunk_tokens", "0"], "'agent.chunk_tokens' must be"),
+                        (["--chunk-tokens", "0"], "unknown key 'chunk_tokens'"),
                         (["--protocol", "memagent", "--temperature", "1"], "--protocol memagent fixes --temperature"),
                         (["--protocol", "memagent"], "scores hotpotqa or jsonl questions"),
                         (["--closed-book", str(tmp_path / "cb.jsonl")], "--closed-book takes one hotpotqa"),
-                        (["--out", str(tmp_path / "no" / "r.json")], "no such directory")):
-        with pytest.raises(SystemExit) as e:
+                        (["--out", str(tmp_path / "no" / "r.json")], "no such directory"),
+                        (["--report", str(tmp_path / "old.json")], "give --model to run a sweep, or --report"),
+                        (["--n", "2"], "repeats one greedy rollout"), (["--device", "gpu9"], "'device' 'gpu9'")):
+        with pytest.raises(SystemExit, match=re.escape(match)):
             ev.main(["--model", str(path), "--lengths", "300"] + argv)
-        assert e.value.code == 2 and match in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        ev.main(["--from", str(tmp_path / "old.json")])
-    assert "old.json: not eval.py results (a 'config' object" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="old.json: not eval.py results"):
+        ev.main(["--report", str(tmp_path / "old.json")])
     assert ev.hotpotqa_docs("50") == 50 and ev.hotpotqa_docs("28k") == 200 and ev.hotpotqa_docs("3.5m") == 25600
 
 
+def settings(*argv):
+    return ev.SweepSettings.from_argv(["--model", "m", "--tasks", "jsonl:q.jsonl", *argv])
+
+
 def test_protocol_memagent_is_the_release_evaluation():
-    args = ev.parser().parse_args(["--model", "m", "--protocol", "memagent"])
-    ev.resolve_protocol(ev.parser(), args)
+    args = settings("--protocol", "memagent")
     assert (args.temperature, args.top_p, args.samples, args.n, args.seed) == (0.7, 0.95, 128, 1, 0)
     assert args.lengths == "50,100,200,400,800,1600,3200,6400,12800,25600"
-    args = ev.parser().parse_args(["--model", "m", "--protocol", "memagent", "--lengths", "50"])
-    ev.resolve_protocol(ev.parser(), args)
+    args = settings("--protocol", "memagent", "--lengths", "50")
     assert args.lengths == "50" and args.temperature == 0.7
-    args = ev.parser().parse_args(["--model", "m"])
-    ev.resolve_protocol(ev.parser(), args)
+    args = settings()
     assert (args.temperature, args.top_p, args.samples, args.n, args.lengths) == (0.0, 1.0, 64, 1, "8k")
     assert args.frame == "boxed"
     # the release's final turn asks for "Therefore, the answer is ..."; the boxed frame is one flag away
-    args = ev.parser().parse_args(["--model", "m", "--protocol", "memagent"])
-    ev.resolve_protocol(ev.parser(), args)
-    assert args.frame == "answer_is"
-    args = ev.parser().parse_args(["--model", "m", "--protocol", "memagent", "--frame", "boxed"])
-    ev.resolve_protocol(ev.parser(), args)
+    assert settings("--protocol", "memagent").frame == "answer_is"
+    args = settings("--protocol", "memagent", "--frame", "boxed")
     assert args.frame == "boxed" and args.temperature == 0.7
-    args = ev.parser().parse_args(["--model", "m", "--closed-book", "out.jsonl"])
-    ev.resolve_protocol(ev.parser(), args)
+    args = settings("--closed-book", "out.jsonl")
     assert (args.n, args.temperature, args.top_p, args.samples) == (2, 1.0, 0.7, None)  # the release's filter
 
 
 def test_protocol_ruler_and_essay_tasks(tmp_path):
-    args = ev.parser().parse_args(["--model", "m", "--protocol", "ruler"])
-    ev.resolve_protocol(ev.parser(), args)
+    args = settings("--protocol", "ruler")
     assert args.lengths == "8k,16k,32k,64k,128k,256k,512k" and (args.samples, args.frame) == (128, "answer_is")
     (tmp_path / "essay.txt").write_text("One sentence. Another one.")
     cells = ev.plan([f"niah_single_2:{tmp_path / 'essay.txt'}", "niah_multikey_2"], ["1k"])
@@ -359,7 +355,7 @@ def test_cli_reads_agent_json_then_reports_from_saved_results(checkpoint, tmp_pa
     AGENT.save(path)
     out = tmp_path / "run.json"
     cmd = [sys.executable, "eval.py", "--model", str(path), "--tasks", "niah_single", "--lengths", "300",
-           "--samples", "2", "--answer-tokens", "3", "--label", "micro", "--out", str(out)]
+           "--samples", "2", "--agent.answer_tokens", "3", "--label", "micro", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
@@ -370,7 +366,7 @@ def test_cli_reads_agent_json_then_reports_from_saved_results(checkpoint, tmp_pa
     assert len(res["results"]) == 1 and len(res["predictions"]) == 2
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    ev.main(["--from", str(out), str(out), "--plot", str(tmp_path / "a.png"), "--markdown"])
+    ev.main(["--report", f"{out},{out}", "--plot", str(tmp_path / "a.png"), "--markdown"])
     printed = capsys.readouterr().out
     assert "matplotlib is not installed" in printed and not (tmp_path / "a.png").exists()
     assert "| run | 300 |" in printed and "| micro (agent) |" in printed
@@ -382,7 +378,7 @@ def test_cli_closed_book_writes_the_input_layout(checkpoint, tmp_path):
                   context=[[f"T{i}", [f"Lamp {i} is in the attic."]]], type="bridge") for i in range(3)]
     (tmp_path / "hotpot.json").write_text(json.dumps(items))
     ev.main(["--model", str(path), "--tasks", f"hotpotqa:{tmp_path / 'hotpot.json'}", "--closed-book",
-             str(tmp_path / "hard.jsonl"), "--chunk-tokens", "256", "--answer-tokens", "4"])
+             str(tmp_path / "hard.jsonl"), "--agent.chunk_tokens", "256", "--agent.answer_tokens", "4"])
     # a random model answers nothing: every item is kept, as it was, one per line
     assert [json.loads(l) for l in (tmp_path / "hard.jsonl").read_text().splitlines()] == items
 

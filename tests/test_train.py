@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import train
 import warm_start
-from train import Trainer, parse_config
+from train import Config, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model=micro", "--data.tasks=niah_single", "--data.lengths=300", "--data.questions_per_step=2",
@@ -20,25 +20,25 @@ TINY = ["--model=micro", "--data.tasks=niah_single", "--data.lengths=300", "--da
 
 
 def config(tmp_path, tokenizer_path, *extra):
-    return parse_config(TINY + [f"--tokenizer={tokenizer_path}", f"--out_dir={tmp_path}", *extra])
+    return Config.from_argv(TINY + [f"--tokenizer={tokenizer_path}", f"--out_dir={tmp_path}", *extra])
 
 
 def test_config_file_overrides_and_errors(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"steps": 7, "rl": {"n": 3}, "optim": {"lr": 2e-5}}))
-    cfg = parse_config(["--config", str(path), "--rl.n=5", "--resume", "--optim.warmup_steps=1e1"])
+    cfg = Config.from_argv(["--config", str(path), "--rl.n=5", "--resume", "--optim.warmup_steps=1e1"])
     assert (cfg.steps, cfg.rl.n, cfg.optim.lr, cfg.resume, cfg.optim.warmup_steps) == (7, 5, 2e-5, True, 10)
     with pytest.raises(ValueError, match="unknown key 'rl.nn'; did you mean 'rl.n'"):
-        parse_config(["--rl.nn=3"])
+        Config.from_argv(["--rl.nn=3"])
     with pytest.raises(ValueError, match="'steps' expects int"):
-        parse_config(["--steps=many"])
+        Config.from_argv(["--steps=many"])
     with pytest.raises(ValueError, match="nope.json: no such file"):
-        parse_config(["--config", "nope.json"])
+        Config.from_argv(["--config", "nope.json"])
     with pytest.raises(ValueError, match="no/such/dir"):
-        parse_config(["--model=no/such/dir"])
+        Config.from_argv(["--model=no/such/dir"])
     (tmp_path / "bad.json").write_text(json.dumps({"agent": {"chunk": 1}}))
     with pytest.raises(ValueError, match="bad.json and the command line: unknown key 'agent.chunk'"):
-        parse_config(["--config", str(tmp_path / "bad.json")])
+        Config.from_argv(["--config", str(tmp_path / "bad.json")])
 
 
 def test_sft_rows_follow_the_ideal_memory(tmp_path, tokenizer_path):
@@ -204,12 +204,12 @@ def torchrun(tmp_path, tokenizer_path, *extra):
 RANK_ZERO_REWARD = """
 import sys
 import torch.distributed as dist
-from train import Trainer, parse_config
+from train import Config, Trainer
 
 def reward(sample, traj):  # rank 1's groups are never informative, so rank 0 alone fills each step
     return float(dist.get_rank() == 0 and traj.conversations[-1].response_ids[0] % 2 == 0)
 
-Trainer(parse_config(sys.argv[1:]), reward_fn=reward).train()
+Trainer(Config.from_argv(sys.argv[1:]), reward_fn=reward).train()
 dist.barrier()
 dist.destroy_process_group()
 """
@@ -247,17 +247,17 @@ def test_two_processes_rl_fsdp_and_export(tmp_path, tokenizer_path):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-sft", "release-7b", "release-14b", "release-dapo-7b", "dapo-recipe-7b"])
 def test_shipped_configs_parse(name):
-    parse_config(["--config", os.path.join(ROOT, "configs", f"{name}.json"), "--model=micro"])
+    Config.from_argv(["--config", os.path.join(ROOT, "configs", f"{name}.json"), "--model=micro"])
 
 
 @pytest.mark.parametrize("name", ["release-7b", "release-14b"])
 def test_release_configs_make_the_releases_choices(name):
-    cfg = parse_config(["--config", os.path.join(ROOT, "configs", f"{name}.json"), "--model=micro"])
+    cfg = Config.from_argv(["--config", os.path.join(ROOT, "configs", f"{name}.json"), "--model=micro"])
     d, rl, o = cfg.data, cfg.rl, cfg.optim
     assert (d.max_questions, d.shuffle, d.max_chunks, d.hotpot_docs) == (8192, False, 8, 200)
     assert (rl.reward, rl.shuffle_mini_batches, o.warmup_from_zero, o.decay_all) == ("boxed_em", False, True, True)
     assert cfg.agent.keep_empty_memory and cfg.eval.samples == 128  # validated on the first 128 kept
-    default = parse_config(["--model=micro"])  # the embedded agent's settings stay as they were
+    default = Config.from_argv(["--model=micro"])  # the embedded agent's settings stay as they were
     assert (default.data.max_questions, default.data.max_chunks, default.rl.shuffle_mini_batches,
             default.optim.warmup_from_zero, default.optim.decay_all, default.agent.keep_empty_memory) == (
         0, 0, True, False, False, False)
@@ -265,7 +265,7 @@ def test_release_configs_make_the_releases_choices(name):
 
 def test_dapo_recipe_config_is_verls_dapo_recipe():
     """verl's DAPO recipe (recipe/dapo), value by value, on the release's MemAgent data and agent."""
-    cfg = parse_config(["--config", os.path.join(ROOT, "configs", "dapo-recipe-7b.json"), "--model=micro"])
+    cfg = Config.from_argv(["--config", os.path.join(ROOT, "configs", "dapo-recipe-7b.json"), "--model=micro"])
     rl, o = cfg.rl, cfg.optim
     assert (rl.clip_low, rl.clip_high, rl.clip_c, rl.loss_agg, rl.norm_by_std, rl.kl_coef) == (
         0.2, 0.28, 10.0, "token-mean", True, 0.0)
@@ -293,26 +293,26 @@ def test_dapo_recipe_config_is_verls_dapo_recipe():
 ])
 def test_bad_config_values_are_named(args, message):
     with pytest.raises(ValueError, match=message):
-        parse_config(["--model=micro", *args])
+        Config.from_argv(["--model=micro", *args])
 
 
 def test_json_types_are_strict_and_space_separated_values_work(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"steps": 2.9}))
     with pytest.raises(ValueError, match="c.json and the command line: 'steps' expects int, got 2.9"):
-        parse_config(["--config", str(path)])
+        Config.from_argv(["--config", str(path)])
     path.write_text(json.dumps({"data": {"sft_direct": 1}}))
     with pytest.raises(ValueError, match="'data.sft_direct' expects bool"):
-        parse_config(["--config", str(path)])
-    cfg = parse_config(["--model=micro", "--steps", "4", "--resume", "--rl.n", "3"])
+        Config.from_argv(["--config", str(path)])
+    cfg = Config.from_argv(["--model=micro", "--steps", "4", "--resume", "--rl.n", "3"])
     assert (cfg.steps, cfg.resume, cfg.rl.n) == (4, True, 3)
-    assert parse_config(["--model=micro", "--rl.n=1", "--rl.dynamic_sampling=false"]).rl.n == 1
+    assert Config.from_argv(["--model=micro", "--rl.n=1", "--rl.dynamic_sampling=false"]).rl.n == 1
 
 
 def test_agent_settings_default_to_the_checkpoint():
-    cfg = parse_config([f"--model={ROOT}/checkpoints/tiny-sft"])
+    cfg = Config.from_argv([f"--model={ROOT}/checkpoints/tiny-sft"])
     assert (cfg.agent.chunk_tokens, cfg.agent.memory_tokens, cfg.agent.template) == (128, 96, "compact")
-    cfg = parse_config([f"--model={ROOT}/checkpoints/tiny-sft", "--agent.chunk_tokens=64"])
+    cfg = Config.from_argv([f"--model={ROOT}/checkpoints/tiny-sft", "--agent.chunk_tokens=64"])
     assert (cfg.agent.chunk_tokens, cfg.agent.memory_tokens) == (64, 96)
 
 
@@ -365,12 +365,12 @@ def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(tmp_path, tokeniz
 def test_dotted_agent_keys_in_a_config_file_beat_the_checkpoints_agent_json(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"model": f"{ROOT}/checkpoints/tiny-sft", "agent.chunk_tokens": 64}))
-    assert parse_config(["--config", str(path)]).agent.chunk_tokens == 64
+    assert Config.from_argv(["--config", str(path)]).agent.chunk_tokens == 64
 
 
 def test_validation_needs_its_own_file_when_training_reads_one():
     with pytest.raises(ValueError, match="eval.tasks must name a held-out file"):
-        parse_config(["--model=micro", "--data.tasks=jsonl:x.jsonl", "--eval.every=5"])
+        Config.from_argv(["--model=micro", "--data.tasks=jsonl:x.jsonl", "--eval.every=5"])
 
 
 def never_informative(sample, traj):
@@ -442,7 +442,7 @@ SETTING_KEYS = ["steps", "seed", "algo", "dtype", "rl.n", "rl.clip_low", "rl.cli
 def test_any_settings_build_a_checked_config_or_are_refused_by_key(values):
     argv = ["--model=micro"] + [f"--{k}={v}" for k, v in values.items()]
     try:
-        cfg = parse_config(argv)
+        cfg = Config.from_argv(argv)
     except ValueError as e:
         assert any(k in str(e) or k.split(".")[-1] in str(e) for k in values), e
         return
@@ -454,11 +454,11 @@ def test_any_settings_build_a_checked_config_or_are_refused_by_key(values):
 def test_settings_files_and_flags_in_every_form(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="list.json: expected a JSON object of settings, got a JSON list"):
-        parse_config(["--config", str(tmp_path / "list.json")])
+        Config.from_argv(["--config", str(tmp_path / "list.json")])
     (tmp_path / "c.json").write_text(json.dumps({"steps": 5}))
-    assert parse_config([f"--config={tmp_path / 'c.json'}", "--model=micro"]).steps == 5
+    assert Config.from_argv([f"--config={tmp_path / 'c.json'}", "--model=micro"]).steps == 5
     with pytest.raises(ValueError, match="export: .* is the run's model"):
-        parse_config([f"--model={ROOT}/checkpoints/tiny-sft", f"--export={ROOT}/checkpoints/tiny-sft/"])
+        Config.from_argv([f"--model={ROOT}/checkpoints/tiny-sft", f"--export={ROOT}/checkpoints/tiny-sft/"])
 
 
 def test_resume_refuses_settings_that_would_make_the_record_lie(tmp_path, tokenizer_path):
@@ -501,7 +501,7 @@ def test_rl_step_with_non_finite_log_probs_is_skipped(tmp_path, tokenizer_path):
 
 
 def test_flags_are_given_once_and_bare_only_for_switches(tmp_path):
-    assert parse_config(["--model=micro", "--steps=5", "--steps=1"]).steps == 1  # the later flag wins
+    assert Config.from_argv(["--model=micro", "--steps=5", "--steps=1"]).steps == 1  # the later flag wins
     for argv, named in ((["--config", "a.json", "--config", "b.json"], "--config is already given"),
                         (["--rl=5", "--rl.n=3"], "--rl is already given"),
                         (["--export", "--resume"], "'export' expects str, got True"),
@@ -509,7 +509,7 @@ def test_flags_are_given_once_and_bare_only_for_switches(tmp_path):
                         (["--data.lengths=abc"], "data.lengths: bad length 'abc'"),
                         (["--eval.every=5", "--eval.seed=0"], "eval.seed=0 is the run's seed")):
         with pytest.raises(ValueError, match=named):
-            parse_config(["--model=micro", *argv])
+            Config.from_argv(["--model=micro", *argv])
 
 
 def test_an_export_goes_to_a_new_directory_outside_the_run(tmp_path):
@@ -519,7 +519,7 @@ def test_an_export_goes_to_a_new_directory_outside_the_run(tmp_path):
     for export in (tmp_path / "full", tmp_path / "file", tmp_path / "run" / "checkpoints" / "step_000002",
                    tmp_path / "run"):
         with pytest.raises(ValueError, match="export: "):
-            parse_config(["--model=micro", f"--out_dir={tmp_path / 'run'}", f"--export={export}"])
+            Config.from_argv(["--model=micro", f"--out_dir={tmp_path / 'run'}", f"--export={export}"])
     tok = f"{ROOT}/checkpoints/tiny/tokenizer.model"
     with pytest.raises(ValueError, match="the run's model or tokenizer directory"):
-        parse_config(["--model=nano", f"--tokenizer={tok}", f"--export={ROOT}/checkpoints/tiny"])
+        Config.from_argv(["--model=nano", f"--tokenizer={tok}", f"--export={ROOT}/checkpoints/tiny"])
