@@ -91,7 +91,10 @@ def plan(tasks, lengths):
         else:
             raise ValueError(f"unknown task {spec!r}: expected one of {', '.join(TASKS)}, hotpotqa:FILE, jsonl:FILE, "
                              f"qa_1:SQUAD_FILE or qa_2:HOTPOTQA_FILE")
-    return cells
+    files = {}  # a name two files share (two dev.jsonl) would merge their rows: such tasks are named by file
+    for name, _, path, _ in cells:
+        files.setdefault(name, set()).add(path)
+    return [(f"{name}:{path}" if len(files[name]) > 1 else name, kind, path, n) for name, kind, path, n in cells]
 
 
 def task_files(cells):
@@ -452,7 +455,8 @@ def read_results(paths):
             raise SettingError(f"{f}: not eval.py results (a 'config' object and 'results' rows with task, length, "
                                "mode, accuracy and doc_tokens)")
         runs.append((res["config"].get("label") or os.path.splitext(os.path.basename(f))[0], res))
-    return runs
+    labels = [label for label, _ in runs]  # two runs of one name would share a table row: name them by file
+    return [(label if labels.count(label) == 1 else f"{label} ({f})", res) for (label, res), f in zip(runs, paths)]
 
 
 @dataclass

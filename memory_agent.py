@@ -320,9 +320,11 @@ class MemoryAgent:
         # the chat wrapper's own tokens (role headers, default system prompt)
         self.wrapper_tokens = len(self.tok.apply_chat_template([{"role": "user", "content": []}]))
         if engine is not None:
-            self._check_budget(engine.max_len)
+            kv = engine.num_blocks * engine.block_size
+            self._check_budget(min(engine.max_len, kv), f"the model's {engine.max_len} positions" if kv >=
+                               engine.max_len else f"the engine's KV cache ({engine.num_blocks} blocks of {engine.block_size})")
 
-    def _check_budget(self, max_len):  # every turn's prompt plus its longest output fits the model
+    def _check_budget(self, max_len, room):  # every turn's prompt plus its longest output fits the model
         c = self.cfg
         memory = max(c.memory_tokens, len(self.empty_memory))  # the old memory in a prompt
         frame = self.wrapper_tokens + c.question_tokens + memory
@@ -334,7 +336,7 @@ class MemoryAgent:
             need = frame + template.num_text_tokens + new
             if need > max_len:
                 raise SettingError(f"{what} + agent.question_tokens={c.question_tokens} + template and chat frame "
-                                 f"({need} in all) exceed the model's {max_len} positions")
+                                   f"({need} tokens in all) exceed {room}")
 
     def _wrap(self, content_ids):
         return self.tok.apply_chat_template([{"role": "user", "content": content_ids}])

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import asdict
 
 import numpy as np
@@ -25,6 +24,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 import eval as evaluation
 from model import Transformer
+from run_outputs import write_file
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,14 +105,6 @@ class Checkpointer:
             self.lock = open(os.path.join(cfg.out_dir, ".lock"), "a")
             fcntl.flock(self.lock, fcntl.LOCK_SH)
 
-    @contextmanager
-    def claimed(self):
-        self.claim_out_dir()
-        try:
-            yield
-        finally:
-            self.release_out_dir()
-
     def release_out_dir(self):
         if self.lock is not None:
             self.lock.close()  # closing the file drops the lock
@@ -122,7 +114,8 @@ class Checkpointer:
         """Complete checkpoint directories, oldest first (with damaged: the renamed damaged ones too)."""
         if not os.path.isdir(self.dir):
             return []
-        return sorted(d for d in os.listdir(self.dir) if re.fullmatch(r"step_\d+" + "(\\.damaged)?" * damaged, d))
+        names = [d for d in os.listdir(self.dir) if re.fullmatch(r"step_\d+" + "(\\.damaged)?" * damaged, d)]
+        return sorted(names, key=lambda d: int(re.findall(r"\d+", d)[0]))  # step_1000000 after step_999999
 
     def save(self, model, opt, sched, state):
         """Write step_N atomically: into a temporary directory, then one rename (rank 0)."""
@@ -204,7 +197,7 @@ class Checkpointer:
                     ok, error = False, e
             if self._all_ok(ok):
                 if self.rank == 0:
-                    self._truncate_metrics(meta["step"])
+                    self.truncate_metrics(meta["step"])
                     print(f"resumed from {path} (step {meta['step']})", flush=True)
                 return {k: meta[k] for k in ("step", "position", "bad_steps")}
             if self.rank == 0:
@@ -239,8 +232,8 @@ class Checkpointer:
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
 
-    def _truncate_metrics(self, step):
-        """Forget logged steps after the checkpoint, and a line torn by a kill mid-write."""
+    def truncate_metrics(self, step):
+        """Forget logged steps after `step`, and a line torn by a kill mid-write."""
         if not os.path.isfile(self.metrics):
             return
         kept = []
@@ -251,8 +244,7 @@ class Checkpointer:
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except (json.JSONDecodeError, KeyError, TypeError):
                     pass  # torn or foreign line
-        with open(self.metrics, "w") as f:
-            f.writelines(kept)
+        write_file(self.metrics, "".join(kept))
 
     def export(self, model, tok, agent, path):
         """Write the model in HF format (gathering FSDP shards on rank 0), its tokenizer and agent.json."""

@@ -217,6 +217,8 @@ def parse_flags(argv):
             raise SettingError(f"argument '{a}': --{clash[0]} is already given")
         seen.add(key)
         if key == "config":
+            if value is True:
+                raise SettingError("argument '--config': give the settings file, --config FILE")
             config = value
         else:
             values = merge(values, nest({key: value}, f"argument '{a}'"))

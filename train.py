@@ -83,6 +83,9 @@ class Config(Settings):
         if self.eval.every and not self.eval.tasks and self.data.tasks.partition(":")[0] in TASK_FILES:
             raise SettingError("eval.tasks must name a held-out file when data.tasks is a file (else validation "
                                "would read the training questions)")
+        if self.algo == "sft" and self.data.max_chunks:
+            raise SettingError("data.max_chunks cuts RL's documents, as the release trains; SFT's ideal memories "
+                               "are read from whole documents: leave it 0 with algo=sft")
         if self.rl.overlong_buffer > self.agent.answer_tokens:
             raise SettingError(f"rl.overlong_buffer={self.rl.overlong_buffer} exceeds agent.answer_tokens="
                                f"{self.agent.answer_tokens}")
@@ -132,29 +135,32 @@ RESUMABLE = {"steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "
 
 
 def settings_of_the_run(cfg, checkpoints):
-    """A resumed run keeps its saved settings (check_resume); an export writes the run as it was trained,
-    whatever else was passed."""
+    """A resumed run keeps the settings it was made with, so that its record does not lie; an export
+    writes the run as it was trained, and says which settings given now it set aside."""
     meta, where = checkpoints.newest_meta()
+    changed = changed_settings(cfg, meta["config"]) if meta else []
     if cfg.export and meta:
+        if changed and checkpoints.rank == 0:
+            print(f"--export writes the run as {where} was trained; set aside: "
+                  + ", ".join(f"{k}={now!r}" for k, _, now in changed), flush=True)
         keep = dict(export=cfg.export, resume=True, out_dir=cfg.out_dir, progress=cfg.progress)
         return build(Config, merge(meta["config"], keep), where)
-    if cfg.resume and meta:
-        check_resume(cfg, meta["config"], where)
-        if meta["step"] > cfg.steps:
-            raise SettingError(f"steps={cfg.steps}: {where} is already at step {meta['step']}")
+    if cfg.resume and changed:
+        diff = "; ".join(f"{k}={then!r} there, {now!r} now" for k, then, now in changed[:6])
+        raise SettingError(f"--resume: {where} was made with other settings ({diff}). Resume with the same "
+                           f"settings (only {', '.join(sorted(RESUMABLE))} may change), or start a new out_dir")
+    if cfg.resume and meta and meta["step"] > cfg.steps:
+        raise SettingError(f"steps={cfg.steps}: {where} is already at step {meta['step']}")
     return cfg
 
 
-def check_resume(cfg, saved, where):
-    """A resumed run keeps the settings it was made with, so that its record does not lie."""
+def changed_settings(cfg, saved):
+    """[(key, saved value, value now)] of the settings that change what a run computes (not RESUMABLE)."""
     now, then = flatten(asdict(cfg)), flatten(saved)
     for d in (now, then):  # the same file, however it is spelt
         d.update({k: os.path.realpath(d[k]) for k in ("model", "tokenizer", "out_dir") if os.path.exists(d[k] or "")})
-    changed = [k for k in sorted(set(now) | set(then)) if k not in RESUMABLE and now.get(k) != then.get(k)]
-    if changed:
-        diff = "; ".join(f"{k}={then.get(k)!r} there, {now.get(k)!r} now" for k in changed[:6])
-        raise SettingError(f"--resume: {where} was made with other settings ({diff}). Resume with the same "
-                           f"settings (only {', '.join(sorted(RESUMABLE))} may change), or start a new out_dir")
+    return [(k, then.get(k), now.get(k)) for k in sorted(set(now) | set(then))
+            if k not in RESUMABLE and now.get(k) != then.get(k)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +253,7 @@ def build_optimizer(cfg, model, fsdp):
                              {"params": rest, "weight_decay": 0.0}],
                             lr=o.lr, betas=(o.beta1, o.beta2), foreach=not fsdp)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + first) / max(1, o.warmup_steps),
+        opt, lambda s: min(1.0, (s + first) / o.warmup_steps if o.warmup_steps else 1.0,
                            (cfg.steps - s) / o.cooldown_steps if o.cooldown_steps else 1.0))
     return opt, sched
 
@@ -325,9 +331,11 @@ def centre_truncated(sample, tok, max_tokens):
     """The release's training contexts: the document as token ids, its first and last max_tokens // 2
     ids kept when it is longer than max_tokens."""
     ids = [i for piece in document_tokens(sample.document, tok) for i in piece]
-    if len(ids) > max_tokens:
-        ids = ids[:max_tokens // 2] + ids[len(ids) - max_tokens // 2:]
-    return replace(sample, document=ids)
+    if len(ids) <= max_tokens:
+        return replace(sample, document=ids)
+    ids = ids[:max_tokens // 2] + ids[len(ids) - max_tokens // 2:]  # its needles' offsets no longer hold
+    return replace(sample, document=ids, meta={k: v for k, v in sample.meta.items() if k != "needles"} |
+                   dict(doc_tokens=len(ids)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,12 +537,17 @@ class Trainer:
             raise SettingError(f"data.questions_per_step={cfg.data.questions_per_step} must be divisible by "
                                f"the {self.world} ranks")
         self.checkpoints = Checkpointer(cfg, self.rank, self.world, self.device)
-        self.cfg = self.checkpoints.cfg = cfg = settings_of_the_run(cfg, self.checkpoints)
-        self.tok = build_tokenizer(cfg, self.rank)
-        self.learner = Learner(cfg, self.world, self.device, self.tok.vocab_size)
+        self.checkpoints.claim_out_dir()  # before anything is written there (a tokenizer trained for the run)
+        try:
+            self.cfg = self.checkpoints.cfg = cfg = settings_of_the_run(cfg, self.checkpoints)
+            self.tok = build_tokenizer(cfg, self.rank)
+            self.learner = Learner(cfg, self.world, self.device, self.tok.vocab_size)
+            self.questions = Questions(cfg, self.tok)
+            self.held_out = held_out_samples(cfg, self.tok) if cfg.eval.every else []
+        except BaseException:
+            self.checkpoints.release_out_dir()
+            raise
         self.model, self.opt, self.sched = self.learner.model, self.learner.opt, self.learner.sched
-        self.questions = Questions(cfg, self.tok)
-        self.held_out = held_out_samples(cfg, self.tok) if cfg.eval.every else []
         self.reward_fn = reward_fn or partial(reward, cfg.rl.reward)
         self.step, self.position, self.bad_steps = 0, 0, 0
 
@@ -663,8 +676,10 @@ class Trainer:
                                      dict(step=self.step, position=self.position, bad_steps=self.bad_steps))
 
     def train(self):
-        with self.checkpoints.claimed():
+        try:
             return self._train()
+        finally:
+            self.checkpoints.release_out_dir()
 
     def _train(self):
         cfg = self.cfg
@@ -672,9 +687,11 @@ class Trainer:
         # schedule counts RL steps, including those whose groups were all dropped (no optimizer step)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-        if (cfg.resume or cfg.export) and not self.load_checkpoint() and (cfg.export or self.checkpoints.newest(
-                damaged=True)):
-            raise RuntimeError(f"--resume/--export: no checkpoint in {self.checkpoints.dir} could be loaded")
+        if (cfg.resume or cfg.export) and not self.load_checkpoint():
+            if cfg.export or self.checkpoints.newest(damaged=True):
+                raise RuntimeError(f"--resume/--export: no checkpoint in {self.checkpoints.dir} could be loaded")
+            if self.rank == 0:  # nothing to resume: the run starts over, and so does its record
+                self.checkpoints.truncate_metrics(0)
         if cfg.export:
             self.checkpoints.export(self.model, self.tok, cfg.agent, cfg.export)
             self.log(f"exported step {self.step} of {cfg.out_dir} to {cfg.export}")

@@ -6,6 +6,7 @@ from rollout import Completion
 class QueueEngine:
     def __init__(self, max_len=100_000):
         self.max_len, self.queue, self.ids = max_len, [], 0
+        self.num_blocks, self.block_size = max_len, 1  # a KV cache that holds a whole sequence
         self.stats = dict(prefill_tokens=0, decode_tokens=0)
 
     def add_request(self, prompt, params):

@@ -309,6 +309,11 @@ def test_protocol_ruler_and_essay_tasks(tmp_path):
         with pytest.raises(ValueError, match=match):
             ev.plan([spec], ["1k"])
     assert set(ev.RULER_TASKS) <= set(ev.TASKS) | set(ev.RULER_QA)
+    for d in ("a", "b"):  # two files of one name: their cells are named by file, else their rows would merge
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "dev.jsonl").write_text("")
+    cells = ev.plan([f"jsonl:{tmp_path / 'a' / 'dev.jsonl'}", f"jsonl:{tmp_path / 'b' / 'dev.jsonl'}"], ["1"])
+    assert [name for name, *_ in cells] == [f"dev:{tmp_path / d / 'dev.jsonl'}" for d in ("a", "b")]
 
 
 def test_ruler_qa_cells_run_and_score(tmp_path):
@@ -366,10 +371,14 @@ def test_cli_reads_agent_json_then_reports_from_saved_results(checkpoint, tmp_pa
     assert len(res["results"]) == 1 and len(res["predictions"]) == 2
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    ev.main(["--report", f"{out},{out}", "--plot", str(tmp_path / "a.png"), "--markdown"])
+    (tmp_path / "again").mkdir()
+    again = tmp_path / "again" / "run.json"
+    again.write_text(out.read_text().replace('"accuracy": ', '"accuracy": 0.5, "was": '))  # another run, one label
+    ev.main(["--report", f"{out},{again}", "--plot", str(tmp_path / "a.png"), "--markdown"])
     printed = capsys.readouterr().out
     assert "matplotlib is not installed" in printed and not (tmp_path / "a.png").exists()
-    assert "| run | 300 |" in printed and "| micro (agent) |" in printed
+    assert "| run | 300 |" in printed and f"| micro ({out}) (agent) |" in printed
+    assert f"| micro ({again}) (agent) | 50.0 [" in printed  # both rows, each named by its file
 
 
 def test_cli_closed_book_writes_the_input_layout(checkpoint, tmp_path):

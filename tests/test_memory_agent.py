@@ -436,11 +436,15 @@ def test_the_budget_check_sums_every_part_of_a_prompt():
     #   final:  20 + question 10 + old memory 4 + 26 + answer 200             = 260
     cfg = AgentConfig(chunk_tokens=100, memory_tokens=3, answer_tokens=5, question_tokens=10, template="compact")
     MemoryAgent(ScriptedEngine(TOK, max_len=177), TOK, cfg)
-    with pytest.raises(ValueError, match=r"chunk_tokens=100 .* \(177 in all\) exceed the model's 176 positions"):
+    with pytest.raises(ValueError, match=r"chunk_tokens=100 .* \(177 tokens in all\) exceed the model's 176 positions"):
         MemoryAgent(ScriptedEngine(TOK, max_len=176), TOK, cfg)
+    small_cache = ScriptedEngine(TOK, max_len=1000)
+    small_cache.num_blocks, small_cache.block_size = 11, 16  # 176 tokens: no update turn would fit it
+    with pytest.raises(ValueError, match=r"\(177 tokens in all\) exceed the engine's KV cache \(11 blocks of 16\)"):
+        MemoryAgent(small_cache, TOK, cfg)
     cfg = replace(cfg, answer_tokens=200)
     MemoryAgent(ScriptedEngine(TOK, max_len=260), TOK, cfg)
-    with pytest.raises(ValueError, match=r"answer_tokens=200 .* \(260 in all\) exceed the model's 259 positions"):
+    with pytest.raises(ValueError, match=r"answer_tokens=200 .* \(260 tokens in all\) exceed the model's 259 positions"):
         MemoryAgent(ScriptedEngine(TOK, max_len=259), TOK, cfg)
     # the longest update prompt (empty memory, full question and chunk) plus its output is the 177
     agent = MemoryAgent(None, TOK, cfg)

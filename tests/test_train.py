@@ -85,6 +85,11 @@ def test_lr_warms_up_holds_then_cools_down(tmp_path, tokenizer_path):
         t.opt.step()
         t.sched.step()
     assert lrs == pytest.approx([1e-3 * f for f in (0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25)])
+    for zero_first in ("true", "false"):  # no warm-up means the full rate from the first step, either way
+        t = Trainer(config(tmp_path / zero_first, tokenizer_path, "--optim.warmup_steps=0",
+                           f"--optim.warmup_from_zero={zero_first}"))
+        assert t.opt.param_groups[0]["lr"] == 1e-3
+        t.checkpoints.release_out_dir()
 
 
 def test_release_optimizer_settings(tmp_path, tokenizer_path):
@@ -333,6 +338,11 @@ def test_out_dir_is_checked_before_any_step(tmp_path, tokenizer_path):
         fcntl.flock(held, fcntl.LOCK_SH)
         with pytest.raises(RuntimeError, match="in use by another run"):
             Trainer(config(tmp_path / "busy", tokenizer_path, "--steps=1")).train()
+    # a refused run writes nothing there: not even the tokenizer it would train for itself
+    (tmp_path / "old" / "tokenizer.model").write_bytes(b"the earlier run's")
+    with pytest.raises(RuntimeError, match="holds an earlier run"):
+        Trainer(Config.from_argv(TINY + [f"--out_dir={tmp_path / 'old'}", "--data.tokenizer_tasks=vt"]))
+    assert (tmp_path / "old" / "tokenizer.model").read_bytes() == b"the earlier run's"
     # not writable
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match="not writable"):
@@ -480,7 +490,6 @@ def test_a_full_disk_at_checkpoint_time_is_named_and_loses_nothing(tmp_path, tok
 
     def full(*args, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
-    t.checkpoints.claim_out_dir()
     t.save_checkpoint()
     monkeypatch.setattr(dcp, "save", full)
     t.step = 2
@@ -507,7 +516,9 @@ def test_flags_are_given_once_and_bare_only_for_switches(tmp_path):
                         (["--export", "--resume"], "'export' expects str, got True"),
                         (["--data.tasks=niah_single,,vt"], "unknown tasks \\[''\\]"),
                         (["--data.lengths=abc"], "data.lengths: bad length 'abc'"),
-                        (["--eval.every=5", "--eval.seed=0"], "eval.seed=0 is the run's seed")):
+                        (["--eval.every=5", "--eval.seed=0"], "eval.seed=0 is the run's seed"),
+                        (["--steps=2", "--config"], "give the settings file"),
+                        (["--algo=sft", "--data.max_chunks=8"], "leave it 0 with algo=sft")):
         with pytest.raises(ValueError, match=named):
             Config.from_argv(["--model=micro", *argv])
 
@@ -523,3 +534,25 @@ def test_an_export_goes_to_a_new_directory_outside_the_run(tmp_path):
     tok = f"{ROOT}/checkpoints/tiny/tokenizer.model"
     with pytest.raises(ValueError, match="the run's model or tokenizer directory"):
         Config.from_argv(["--model=nano", f"--tokenizer={tok}", f"--export={ROOT}/checkpoints/tiny"])
+
+
+def test_resume_with_nothing_to_resume_starts_the_record_over(tmp_path, tokenizer_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')  # a run killed before its checkpoint
+    history = Trainer(config(tmp_path, tokenizer_path, "--steps=1", "--algo=sft", "--resume")).train()
+    assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [m["step"] for m in history] == [1]
+
+
+def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    from run_dir import Checkpointer
+    cfg = Config.from_argv(["--model=micro", f"--out_dir={tmp_path}"])
+    for step in (999_999, 1_000_000, 12):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    assert Checkpointer(cfg, 0, 1, "cpu").newest() == ["step_000012", "step_999999", "step_1000000"]
+
+
+def test_an_export_says_which_settings_it_set_aside(tmp_path, tokenizer_path, capsys):
+    Trainer(config(tmp_path, tokenizer_path, "--steps=1", "--algo=sft")).train()
+    Trainer(config(tmp_path, tokenizer_path, "--steps=1", "--algo=sft", "--resume", "--optim.lr=0.5",
+                   f"--export={tmp_path / 'hf'}")).train()
+    assert "set aside: optim.lr=0.5" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors").exists()
