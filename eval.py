@@ -40,7 +40,7 @@ from run_outputs import Outputs, write_file
 from settings import (INT64, TEMPERATURE, TOP_P, EvalConfig, SettingError, at_least, check_repeats, merge, one_of,
                       option, read_json, within)
 from tasks import (FRAMES, RULER_QA, SOURCED, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa,
-                   load_jsonl, load_ruler_qa, make_samples, parse_length, read_records, score)
+                   hotpot_questions, load_jsonl, load_ruler_qa, make_samples, parse_length, read_records, score)
 from tokenizer import load_tokenizer
 
 # the release's RULER-HotpotQA evaluation (its lengths are documents: about 7K ... 3.5M tokens): its
@@ -281,16 +281,10 @@ def evaluate(model, tokenizer, tasks, lengths, samples, agent: AgentConfig, mode
 
 def question_file(kind, path):
     """A hotpotqa or jsonl file -> (its records as read, a Sample per record with no document)."""
-    question, answer, ident = ("question", "answer", "_id") if kind == "hotpotqa" else ("question", "answers", "id")
-    records, samples = read_records(path), []
-    for i, rec in enumerate(records):
-        golds = rec.get(answer) if isinstance(rec, dict) else None
-        golds = [golds] if isinstance(golds, str) else golds
-        if not (isinstance(golds, list) and golds and all(isinstance(g, str) for g in golds)
-                and isinstance(rec.get(question), str)):
-            raise ValueError(f"{path}: record {i} needs a string {question!r} and {answer!r}")
-        samples.append(Sample(str(rec.get(ident, i)), rec[question], "", golds, dict(scorer="sub_em")))
-    return records, samples
+    if kind == "jsonl":
+        return [rec for _, rec in read_records(path)], [replace(s, document="") for s in load_jsonl(path)]
+    records = [item for _, item in hotpot_questions(path)]
+    return records, [Sample(r["_id"], r["question"], "", [r["answer"]], dict(scorer="sub_em")) for r in records]
 
 
 # the release's closed-book rule: each model answers each question twice, sampled (temperature 1.0,

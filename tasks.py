@@ -516,59 +516,79 @@ def ideal_memory_trace(sample: Sample, chunk_tokens: int) -> list[list[str]]:
 # HotpotQA (the MemAgent release's RULER-HotpotQA construction) and JSONL files
 
 def read_records(path) -> list:
-    """The items of a JSON list (the official HotpotQA file), a JSON object as one item (SQuAD's
-    file), or a JSONL file (a filtered copy: one item per line, blank lines skipped), in order."""
+    """[(where, item)] of a JSON list (the official HotpotQA file; where is "FILE[i]"), a JSON object
+    (SQuAD's file, one item) or a JSONL file (a filtered copy, one item per line, blank lines skipped;
+    where is "FILE:LINE"): the one reader of record files, whose errors name the file and the line."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
+        with open(path, "rb") as f:
+            data = f.read()
+        text = data.decode("utf-8-sig")
+    except OSError as e:
         raise ValueError(f"{path}: cannot read ({e})") from e
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... nested
-            raise ValueError(f"{path}: malformed JSON ({str(e)[:200]})") from e
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    whole = None
     try:
         whole = json.loads(text)
-        if isinstance(whole, dict):
-            return [whole]
-    except (ValueError, RecursionError):
-        pass  # JSONL: one item per line
-    items = []
+    except RecursionError as e:  # [[[[... nested
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    except ValueError as e:
+        if text.lstrip().startswith("["):
+            raise ValueError(f"{path}: malformed JSON ({str(e)[:200]})") from None
+    if isinstance(whole, list):
+        return [(f"{path}[{i}]", item) for i, item in enumerate(whole)]
+    if isinstance(whole, dict) and "\n" in text.strip():  # one object on one line is a JSONL file
+        return [(str(path), whole)]
+    records = []
     for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                items.append(json.loads(line))
-            except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... nested
-                raise ValueError(f"{path}:{n}: malformed JSON line ({getattr(e, 'msg', str(e)[:100])})") from e
-    return items
+        try:
+            records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
+        except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... nested
+            raise ValueError(f"{path}:{n}: malformed JSON ({getattr(e, 'msg', str(e)[:100])})") from None
+    return records
 
 
-def _check_hotpot_item(path, i, item):
-    if not isinstance(item, dict):
-        raise ValueError(f"{path}: item {i} should be a JSON object")
-    for key, kind in (("_id", str), ("question", str), ("answer", str),
-                      ("supporting_facts", list), ("context", list)):
-        if key not in item:
-            raise ValueError(f"{path}: item {i} has no {key!r}")
-        if not isinstance(item[key], kind):
-            raise ValueError(f"{path}: item {i} key {key!r} should be a {kind.__name__}")
+def check_fields(where, record, kinds):
+    """`record` is a JSON object holding each key of `kinds` with a value of that type (bool is no int)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    for key, kind in kinds.items():
+        if key not in record:
+            raise ValueError(f"{where}: missing field {key!r}")
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ValueError(f"{where}: field {key!r} should be a {names}")
+
+
+def _check_hotpot_item(where, item):
+    check_fields(where, item, dict(_id=str, question=str, answer=str, supporting_facts=list, context=list))
     for para in item["context"]:
         if not (isinstance(para, list) and len(para) == 2 and isinstance(para[0], str)
                 and isinstance(para[1], list) and all(isinstance(s, str) for s in para[1])):
-            raise ValueError(f"{path}: item {i} key 'context' should hold [title, [sentences]] pairs")
+            raise ValueError(f"{where}: field 'context' should hold [title, [sentences]] pairs")
     if not item["context"] or not item["supporting_facts"]:
-        raise ValueError(f"{path}: item {i} has an empty 'context' or 'supporting_facts': its own paragraphs "
-                         "are what the question is about")
+        raise ValueError(f"{where}: an empty 'context' or 'supporting_facts': its own paragraphs are what the "
+                         "question is about")
     titles = {title for title, _ in item["context"]}
     if len(titles) < len(item["context"]):
-        raise ValueError(f"{path}: item {i} holds two paragraphs with one title; a title names one paragraph")
+        raise ValueError(f"{where}: two paragraphs with one title; a title names one paragraph")
     for fact in item["supporting_facts"]:
         if not (isinstance(fact, list) and len(fact) == 2 and isinstance(fact[0], str)
                 and isinstance(fact[1], int) and not isinstance(fact[1], bool)):
-            raise ValueError(f"{path}: item {i} key 'supporting_facts' should hold [title, index] pairs")
+            raise ValueError(f"{where}: field 'supporting_facts' should hold [title, index] pairs")
         if fact[0] not in titles:
-            raise ValueError(f"{path}: item {i} supporting title {fact[0]!r} is not in its context")
+            raise ValueError(f"{where}: supporting title {fact[0]!r} is not in its context")
+
+
+def hotpot_questions(path) -> list:
+    """The checked items of a HotpotQA file, [(where, item)]."""
+    records = read_records(path)
+    if not records:
+        raise ValueError(f"{path}: expected a non-empty list of HotpotQA items")
+    for where, item in records:
+        _check_hotpot_item(where, item)
+    return records
 
 
 def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0,
@@ -589,12 +609,9 @@ def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0,
     _check_positive("num_docs", num_docs)
     if num_samples is not None:
         _check_positive("num_samples", num_samples)
-    items = read_records(path)
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"{path}: expected a non-empty list of HotpotQA items")
+    items = hotpot_questions(path)
     titles, texts, seen = [], [], set()
-    for i, item in enumerate(items):
-        _check_hotpot_item(path, i, item)
+    for _, item in items:
         for title, sentences in item["context"]:
             if title not in seen:
                 seen.add(title)
@@ -602,11 +619,11 @@ def load_hotpotqa(path, num_docs: int, num_samples=None, seed: int = 0,
                 texts.append("".join(sentences))  # HotpotQA sentences carry their own spaces
     slots = list(range(num_docs))
     random.Random(4).shuffle(slots)  # the release's placement, the same for every question
-    return [_hotpot_sample(path, i, items[i], titles, texts, num_docs, seed, context, slots)
+    return [_hotpot_sample(i, *items[i], titles, texts, num_docs, seed, context, slots)
             for i in range(min(num_samples or len(items), len(items)))]
 
 
-def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context, slots) -> Sample:
+def _hotpot_sample(i, where, item, titles, texts, num_docs, seed, context, slots) -> Sample:
     paragraphs = {}
     for title, sentences in item["context"]:
         paragraphs.setdefault(title, sentences)
@@ -614,11 +631,11 @@ def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context, slots)
     own = [(t, "".join(paragraphs[t])) for t in (gold_titles if context == "supporting" else paragraphs)]
     need = num_docs - len(own)
     if need < 0:
-        raise ValueError(f"{path}: item {i} has {len(own)} paragraphs of its own ({context} context), "
-                         f"more than num_docs={num_docs}")
+        raise ValueError(f"{where}: {len(own)} paragraphs of its own ({context} context), more than "
+                         f"num_docs={num_docs}")
     if len(titles) - len(own) < need:
-        raise ValueError(f"{path}: {len(titles)} distinct paragraphs, too few for num_docs={num_docs} "
-                         f"({need} from other questions needed besides {len(own)} of item {i})")
+        raise ValueError(f"{where}: the file's {len(titles)} distinct paragraphs are too few for num_docs="
+                         f"{num_docs} ({need} from other questions needed besides its own {len(own)})")
     own_titles = {t for t, _ in own}
 
     def pieces():
@@ -646,16 +663,18 @@ def _hotpot_sample(path, i, item, titles, texts, num_docs, seed, context, slots)
 RULER_QA = {"qa_1": "SQuAD", "qa_2": "HotpotQA"}
 
 
-def _squad_questions(path, items):
+def _squad_questions(path):
     """-> ([(question, answers, own paragraphs, same-article paragraphs)], unique paragraphs, sorted)."""
-    if len(items) != 1 or not isinstance(items[0].get("data"), list):
+    items = read_records(path)
+    if len(items) != 1 or not isinstance(items[0][1], dict) or not isinstance(items[0][1].get("data"), list):
         raise ValueError(f"{path}: expected SQuAD's layout, an object with a 'data' list of articles")
+    data = items[0][1]["data"]
     try:
-        articles = [[p["context"] for p in a["paragraphs"]] for a in items[0]["data"]]
+        articles = [[p["context"] for p in a["paragraphs"]] for a in data]
         docs = sorted({c for paragraphs in articles for c in paragraphs})
         where = {c: j for j, c in enumerate(docs)}
         questions = []
-        for article in items[0]["data"]:
+        for article in data:
             same = [where[p["context"]] for p in article["paragraphs"]]
             for p in article["paragraphs"]:
                 for qa in p["qas"]:
@@ -667,10 +686,9 @@ def _squad_questions(path, items):
     return questions, docs
 
 
-def _hotpot_questions(path, items):
-    docs, own = set(), []
-    for i, item in enumerate(items):
-        _check_hotpot_item(path, i, item)
+def _hotpot_ruler_questions(path):
+    docs, own, items = set(), [], [item for _, item in hotpot_questions(path)]
+    for item in items:
         own.append([f"{title}\n{''.join(sentences)}" for title, sentences in item["context"]])
         docs.update(own[-1])
     docs = sorted(docs)
@@ -685,8 +703,8 @@ def load_ruler_qa(task, path, length, tokenizer, num, seed=0) -> list[Sample]:
     if task not in RULER_QA:
         raise ValueError(f"unknown RULER QA task {task!r}; known: {', '.join(RULER_QA)}")
     _check_positive("num", num)
-    target, items = parse_length(length), read_records(path)
-    questions, docs = (_squad_questions if task == "qa_1" else _hotpot_questions)(path, items)
+    target = parse_length(length)
+    questions, docs = (_squad_questions if task == "qa_1" else _hotpot_ruler_questions)(path)
     if not questions:
         raise ValueError(f"{path}: no answerable {RULER_QA[task]} question")
     count = _token_counter(tokenizer)
@@ -721,43 +739,17 @@ def _qa_sample(task, i, q, docs, target, count, seed) -> Sample:
 
 
 def load_jsonl(path, scorer: str = "sub_em") -> list[Sample]:
-    """One sample per line: {"id", "question", "context", "answers"}; blank lines are skipped."""
-    if scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}")
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e})") from e
+    """One sample per line: {"id", "question", "context", "answers"} (answers: a string or a list)."""
     samples, ids = [], {}
-    for n, raw in enumerate(lines, 1):
-        try:
-            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... nested
-            raise ValueError(f"{path}:{n}: malformed JSON ({getattr(e, 'msg', str(e)[:100])})") from e
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object")
-        for key in ("id", "question", "context", "answers"):
-            if key not in rec:
-                raise ValueError(f"{path}:{n}: missing field {key!r}")
+    for where, rec in read_records(path):
+        check_fields(where, rec, dict(id=(str, int), question=str, context=str, answers=(str, list)))
         answers = [rec["answers"]] if isinstance(rec["answers"], str) else rec["answers"]
-        if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
-            raise ValueError(f"{path}:{n}: field 'id' should be a string or an integer")
-        for key in ("question", "context"):
-            if not isinstance(rec[key], str):
-                raise ValueError(f"{path}:{n}: field {key!r} should be a string")
-        if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
-            raise ValueError(f"{path}:{n}: field 'answers' should be a string or a non-empty list of strings")
+        if not (answers and all(isinstance(a, str) for a in answers)):
+            raise ValueError(f"{where}: field 'answers' should be a string or a non-empty list of strings")
         if str(rec["id"]) in ids:
-            raise ValueError(f"{path}:{n}: id {rec['id']!r} is also line {ids[str(rec['id'])]}'s")
-        ids[str(rec["id"])] = n
-        meta = dict(task="jsonl", length=None, scorer=scorer, source=str(path), line=n)
+            raise ValueError(f"{where}: id {rec['id']!r} is also {ids[str(rec['id'])]}'s")
+        ids[str(rec["id"])] = where
+        meta = dict(task="jsonl", length=None, scorer=scorer, record=where)
         samples.append(Sample(str(rec["id"]), rec["question"], rec["context"], answers, meta))
     return samples
 

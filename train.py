@@ -74,9 +74,10 @@ class Config(Settings):
         if self.model not in TINY_CONFIGS and not os.path.isdir(self.model):
             raise SettingError(f"model: '{self.model}' is neither a checkpoint directory nor one of "
                                f"{sorted(TINY_CONFIGS)}")
-        for key, spec in (("data.tasks", self.data.tasks), ("eval.tasks", self.eval.tasks),
-                          ("data.tokenizer_tasks", self.data.tokenizer_tasks)):
-            check_task_spec(key, spec, files=key != "data.tokenizer_tasks")
+        for key, spec, lengths in (("data", self.data.tasks, self.data.lengths),
+                                   ("eval", self.eval.tasks, self.eval.lengths or self.data.lengths),
+                                   ("data.tokenizer_tasks", self.data.tokenizer_tasks, "1k")):
+            check_tasks(key, spec, lengths, files=key != "data.tokenizer_tasks")
         if self.algo == "rl" and self.rl.dynamic_sampling and self.rl.n < 2:
             raise SettingError(f"rl.dynamic_sampling needs rl.n >= 2 rollouts per question, got {self.rl.n}: a "
                                "group of one reward is never informative; raise rl.n or turn it off")
@@ -93,12 +94,6 @@ class Config(Settings):
             check_export_dir(self)
         if self.tokenizer and not os.path.exists(self.tokenizer):
             raise SettingError(f"tokenizer: no such file or directory '{self.tokenizer}'")
-        for key, spec in (("data.lengths", self.data.lengths), ("eval.lengths", self.eval.lengths)):
-            for length in filter(None, spec.split(",")):
-                try:
-                    tasks.parse_length(length)
-                except ValueError as e:
-                    raise SettingError(f"{key}: {e}") from None
         generated = self.data.tasks.partition(":")[0] not in TASK_FILES and not self.eval.tasks
         if self.eval.every and generated and self.eval.seed == self.seed:
             raise SettingError(f"eval.seed={self.eval.seed} is the run's seed: validation would draw the training "
@@ -119,14 +114,25 @@ def check_export_dir(cfg):
         raise SettingError(f"export: '{cfg.export}' exists and is not an empty directory; export to a new one")
 
 
-def check_task_spec(key, spec, files=True):
-    """A comma list of task names, or (files) one jsonl:FILE / hotpotqa:FILE (read when the run starts)."""
-    if files and spec.partition(":")[0] in TASK_FILES:
+def check_tasks(key, spec, lengths, files=True):
+    """Task names (tasks.TASKS, not those that read a file) and their lengths, or (files) one jsonl:FILE /
+    hotpotqa:FILE, read when the run starts (task_cells)."""
+    names = spec.split(",") if spec else []
+    if files and len(names) == 1 and spec.partition(":")[0] in TASK_FILES:
         return
-    unknown = [t for t in spec.split(",") if t not in tasks.TASKS] if spec else []
+    unknown = [t for t in names if t not in tasks.TASKS or t in tasks.SOURCED]
     if unknown:
-        raise SettingError(f"{key}: unknown tasks {unknown}; known: {sorted(tasks.TASKS)}"
-                           + (", or jsonl:FILE / hotpotqa:FILE" if files else ""))
+        raise SettingError(f"{key}: unknown tasks {unknown}; known: {sorted(set(tasks.TASKS) - tasks.SOURCED)}"
+                           + (", or one jsonl:FILE / hotpotqa:FILE" if files else ""))
+    try:
+        evaluation.plan(names, lengths.split(","))
+    except ValueError as e:
+        raise SettingError(f"{key}: {e}") from None
+
+
+def task_cells(spec, lengths, hotpot_docs):
+    """eval.py's cells of data.tasks or eval.tasks (a HotpotQA file's questions read hotpot_docs documents)."""
+    return evaluation.plan(spec.split(","), [str(hotpot_docs)] if spec.startswith("hotpotqa:") else lengths.split(","))
 
 
 # what a resumed run may change: how long it runs and how it reports, never what it computes
@@ -275,37 +281,22 @@ def build_tokenizer(cfg, rank):
 # data: the i-th question of the run is a pure function of (config, i)
 
 def held_out_samples(cfg, tok):
-    """The validation questions: eval.samples per task x length, drawn with eval.seed."""
+    """The validation questions: eval.samples per task x length, drawn with eval.seed, as eval.py draws them."""
     e, d = cfg.eval, cfg.data
-    source = e.tasks or d.tasks
-    fixed = load_task_source(source, tok, d.hotpot_docs, e.seed, num=e.samples)
-    if fixed is not None:
-        return fixed[:e.samples]
-    lengths = (e.lengths or d.lengths).split(",")
-    return [s for t in source.split(",") for n in lengths for s in tasks.make_samples(t, n, tok, e.samples, e.seed)]
-
-
-def load_task_source(spec, tok, hotpot_docs, seed, num=None):
-    """`jsonl:FILE` or `hotpotqa:FILE` -> its (first `num`) samples; a comma list of task names ->
-    None (generated)."""
-    if spec.startswith("jsonl:"):
-        samples = tasks.load_jsonl(spec[6:])
-    elif spec.startswith("hotpotqa:"):
-        samples = tasks.load_hotpotqa(spec[9:], hotpot_docs, num_samples=num, seed=seed)
-    else:
-        return None  # task names, checked with the settings
-    if not samples:
-        raise SettingError(f"data.tasks: {spec} holds no samples")
-    return samples
+    cells = task_cells(e.tasks or d.tasks, e.lengths or d.lengths, d.hotpot_docs)
+    return [s for _, kind, path, n in cells for s in evaluation.load_samples(kind, path, n, tok, e.samples, e.seed)]
 
 
 class Questions:
     def __init__(self, cfg: Config, tok):
         self.cfg, self.tok = cfg, tok
-        self.samples = load_task_source(cfg.data.tasks, tok, cfg.data.hotpot_docs, cfg.seed)
-        if self.samples is not None and cfg.data.max_questions:
-            self.samples = self.samples[:cfg.data.max_questions]
-        if self.samples is None:
+        self.samples = None
+        if cfg.data.tasks.partition(":")[0] in TASK_FILES:  # one file, read whole
+            (_, kind, path, n), = task_cells(cfg.data.tasks, cfg.data.lengths, cfg.data.hotpot_docs)
+            self.samples = evaluation.load_samples(kind, path, n, tok, None, cfg.seed)[:cfg.data.max_questions or None]
+            if not self.samples:
+                raise SettingError(f"data.tasks: {cfg.data.tasks} holds no samples")
+        else:
             self.names = cfg.data.tasks.split(",")
             self.lengths = [tasks.parse_length(x) for x in cfg.data.lengths.split(",")]
 

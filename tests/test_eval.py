@@ -141,7 +141,7 @@ def test_every_input_is_checked_before_the_first_cell(tmp_path):
                       (dict(out=str(tmp_path / "no" / "r.json")), "out .*no such directory"),
                       (dict(traces=str(tmp_path)), "traces .*cannot write"),
                       (dict(tasks=good + [f"jsonl:{tmp_path / 'bad.jsonl'}"]), "bad.jsonl:1: missing field"),
-                      (dict(tasks=good + [f"hotpotqa:{tmp_path / 'bad.json'}"]), "bad.json: item 0 has no '_id'"),
+                      (dict(tasks=good + [f"hotpotqa:{tmp_path / 'bad.json'}"]), r"bad.json\[0\]: missing field '_id'"),
                       (dict(tasks=good + ["niah_single"]), "too short")):
         args = dict(tasks=good, lengths=["1"], samples=2, n=1) | kw
         with pytest.raises(ValueError, match=match):
@@ -177,8 +177,8 @@ def test_traces_hold_each_rollouts_memories_and_answer(tmp_path):
 def test_closed_book_keeps_only_the_questions_the_model_cannot_answer(tmp_path, kind):
     records, known = qa_file(tmp_path / "qa.jsonl", 4, known=("q1", "q2"))
     if kind == "hotpotqa":  # the raw HotpotQA layout, one item per line
-        records = [dict(_id=r["id"], question=r["question"], answer=r["answers"][0], supporting_facts=[],
-                        context=[], level="easy") for r in records]
+        records = [dict(_id=r["id"], question=r["question"], answer=r["answers"][0], supporting_facts=[["T", 0]],
+                        context=[["T", [r["context"]]]], level="easy") for r in records]
         (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     kept_records, questions = ev.question_file(kind, tmp_path / "qa.jsonl")
     engine = Oracle(known)

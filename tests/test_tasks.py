@@ -509,9 +509,9 @@ def test_hotpotqa_supporting_context(tmp_path):
 
 def test_hotpotqa_errors(tmp_path):
     path = write(tmp_path / "hp.json", hotpot_items(3))
-    with pytest.raises(ValueError, match="item 0 has 10 paragraphs of its own .release context., more than num_docs=9"):
+    with pytest.raises(ValueError, match=r"hp.json\[0\]: 10 paragraphs of its own .release context., more than num_docs=9"):
         tasks.load_hotpotqa(path, num_docs=9)
-    with pytest.raises(ValueError, match="hp.json: 28 distinct paragraphs, too few for num_docs=40"):
+    with pytest.raises(ValueError, match=r"hp.json\[0\]: the file's 28 distinct paragraphs are too few for num_docs=40"):
         tasks.load_hotpotqa(path, num_docs=40)
     for bad in [0, -5, "200", 2.5, True]:
         with pytest.raises(ValueError, match="num_docs must be a positive integer"):
@@ -526,7 +526,7 @@ def test_hotpotqa_errors(tmp_path):
     with pytest.raises(ValueError, match="bad.json: malformed JSON"):
         tasks.load_hotpotqa(tmp_path / "bad.json", num_docs=50)
     (tmp_path / "bad.jsonl").write_text(json.dumps(hotpot_items(1)[0]) + "\n\n{not json\n")
-    with pytest.raises(ValueError, match="bad.jsonl:3: malformed JSON line"):
+    with pytest.raises(ValueError, match="bad.jsonl:3: malformed JSON"):
         tasks.load_hotpotqa(tmp_path / "bad.jsonl", num_docs=50)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="empty.jsonl: expected a non-empty list"):
@@ -534,25 +534,26 @@ def test_hotpotqa_errors(tmp_path):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda it: it.pop("supporting_facts"), r"item 2 has no 'supporting_facts'"),
-    (lambda it: it.pop("_id"), r"item 2 has no '_id'"),
-    (lambda it: it.update(answer=["A"]), r"item 2 key 'answer' should be a str"),
-    (lambda it: it.update(context={"T": []}), r"item 2 key 'context' should be a list"),
-    (lambda it: it["context"].__setitem__(0, ["T", "not a list"]), r"item 2 key 'context' should hold"),
-    (lambda it: it["supporting_facts"].append(["Gold 2-0", True]), r"item 2 key 'supporting_facts' should hold"),
-    (lambda it: it["supporting_facts"].append(["Nowhere", 0]), r"item 2 supporting title 'Nowhere'"),
-    (lambda it: it.clear() or it.update(x=1), r"item 2 has no '_id'"),
+    (lambda it: it.pop("supporting_facts"), r"missing field 'supporting_facts'"),
+    (lambda it: it.pop("_id"), r"missing field '_id'"),
+    (lambda it: it.update(answer=["A"]), r"field 'answer' should be a str"),
+    (lambda it: it.update(context={"T": []}), r"field 'context' should be a list"),
+    (lambda it: it["context"].__setitem__(0, ["T", "not a list"]), r"field 'context' should hold"),
+    (lambda it: it["supporting_facts"].append(["Gold 2-0", True]), r"field 'supporting_facts' should hold"),
+    (lambda it: it["supporting_facts"].append(["Nowhere", 0]), r"supporting title 'Nowhere'"),
+    (lambda it: it.clear() or it.update(x=1), r"missing field '_id'"),
 ])
 @pytest.mark.parametrize("layout", ["json", "jsonl"])
 def test_hotpotqa_bad_items(tmp_path, edit, message, layout):
     items = hotpot_items(4)
     edit(items[2])
+    where = re.escape("hp.json[2]" if layout == "json" else "hp.jsonl:3")  # the item, or its line
     path = (write if layout == "json" else write_jsonl)(tmp_path / f"hp.{layout}", items)
-    with pytest.raises(ValueError, match=f"hp.{layout}: {message}"):
+    with pytest.raises(ValueError, match=f"{where}: {message}"):
         tasks.load_hotpotqa(path, num_docs=20)
     items[2] = "a string"
     path = (write if layout == "json" else write_jsonl)(tmp_path / f"hp.{layout}", items)
-    with pytest.raises(ValueError, match=f"hp.{layout}: item 2 should be a JSON object"):
+    with pytest.raises(ValueError, match=f"{where}: expected a JSON object"):
         tasks.load_hotpotqa(path, num_docs=20)
 
 
@@ -566,7 +567,7 @@ def test_load_jsonl(tmp_path):
                     '{"id": 7, "question": "Q2?", "context": "More.", "answers": "z"}\n')
     a, b = tasks.load_jsonl(path)
     assert (a.id, a.question, a.document, a.answers) == ("a", "Q?", "Long text.", ["x", "y"])
-    assert (b.id, b.answers, b.meta["line"], b.meta["scorer"]) == ("7", ["z"], 4, "sub_em")
+    assert (b.id, b.answers, b.meta["record"], b.meta["scorer"]) == ("7", ["z"], f"{path}:4", "sub_em")
     assert tasks.document_text(b) == "More." and tasks.score(b, "\\boxed{it is Z}") == 1.0
 
 

@@ -515,7 +515,7 @@ def test_flags_are_given_once_and_bare_only_for_switches(tmp_path):
                         (["--rl=5", "--rl.n=3"], "--rl is already given"),
                         (["--export", "--resume"], "'export' expects str, got True"),
                         (["--data.tasks=niah_single,,vt"], "unknown tasks \\[''\\]"),
-                        (["--data.lengths=abc"], "data.lengths: bad length 'abc'"),
+                        (["--data.lengths=abc"], "data: bad length .abc."),
                         (["--eval.every=5", "--eval.seed=0"], "eval.seed=0 is the run's seed"),
                         (["--steps=2", "--config"], "give the settings file"),
                         (["--algo=sft", "--data.max_chunks=8"], "leave it 0 with algo=sft")):
