@@ -476,8 +476,9 @@ class SweepSettings(ModelSettings):
     @classmethod
     def below(cls, values):
         """A protocol's values (it fixes them), or --closed-book's (the release's filter), under the flags."""
-        preset = PROTOCOLS.get(values.get("protocol")) or (dict(CLOSED_BOOK, samples=None)
-                                                           if values.get("closed_book") else {})
+        protocol = values.get("protocol")  # checked as a setting once built; here only looked up
+        preset = PROTOCOLS.get(protocol if isinstance(protocol, str) else "") or (
+            dict(CLOSED_BOOK, samples=None) if values.get("closed_book") else {})
         fixed = [k for k in preset if k not in OPEN and k in values] if values.get("protocol") else []
         if fixed:
             raise SettingError(f"--protocol {values['protocol']} fixes {', '.join('--' + k for k in fixed)}")

@@ -1,5 +1,4 @@
 """eval.py: the in-process sweep in agent and direct mode, the JSON schema, the CLI, bad arguments, reports.
-
 Accuracy, its interval and the closed-book filter are checked against an oracle stand-in for the
 model that knows the answers to some questions; a random micro model runs the real pipeline.
 """
@@ -10,8 +9,10 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import hypothesis
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import eval as ev
 from memory_agent import AgentConfig
@@ -412,3 +413,25 @@ def test_plot_has_a_panel_per_task(tmp_path):
     assert [ax.get_title() for ax in axes[0]] == ["vt", "fwe"]
     assert [line.get_label() for line in axes[0][0].get_lines()] == ["a (agent)", "b (direct)"]
     assert axes[0][0].get_xscale() == "log" and axes[0][1].get_shared_y_axes().joined(axes[0][0], axes[0][1])
+
+
+SWEEP_KEYS = [f.name for f in __import__("dataclasses").fields(ev.SweepSettings) if f.name != "agent"] + \
+             ["agent.chunk_tokens", "agent.template"]
+
+
+@hypothesis.settings(max_examples=80, deadline=None)
+@hypothesis.given(values=st.dictionaries(st.sampled_from(SWEEP_KEYS), st.one_of(
+    st.integers(-3, 2**64), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(),
+    st.lists(st.text(max_size=3), max_size=2),
+    st.sampled_from(["", "abc", "8k", "memagent", "ruler", "answer_is", "direct", "jsonl:x.jsonl", "cpu", "0.5"])),
+    max_size=4))
+def test_any_sweep_settings_file_builds_checked_settings_or_is_refused_by_key(values, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweep") / "s.json"
+    path.write_text(json.dumps(values))
+    try:
+        args = ev.SweepSettings.from_argv(["--config", str(path)])
+    except ValueError as e:  # a key named, or the rule between keys that it breaks
+        assert any(k.split(".")[-1] in str(e) for k in values) or "--model" in str(e), e
+        return
+    assert bool(args.model) != bool(args.report) and args.n >= 1 and args.frame in ev.FRAMES
+    assert not (args.n > 1 and args.temperature == 0) and args.device and args.dtype
