@@ -230,21 +230,6 @@ def _needle_sample(task, length, tokenizer, seed, index, rng, haystack, needles,
     return Sample(f"{task}-{target}-{seed}-{index}", question, pieces, answers, meta)
 
 
-def _niah(task, seed, index, keys=1, values=1, asked=1, words=False) -> dict:
-    rng = _rng(task, seed, index)
-    picks = rng.choice(len(ADJECTIVES) * len(NOUNS), size=keys, replace=False)
-    names = [f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}" for i in picks]
-    vals = _numbers(rng, keys * values, 7)
-    needles = [f"One of the magic numbers for {names[i // values]} is {v}." for i, v in enumerate(vals)]
-    relevant = [i // values < asked for i in range(len(vals))]
-    question = (f"What are the magic numbers for {', '.join(names[:asked - 1])} and {names[asked - 1]}?" if asked > 1
-                else f"What are all the magic numbers for {names[0]}?" if values > 1
-                else f"What is the magic number for {names[0]}?")
-    haystack = _word_haystack(rng) if words else _noise_haystack(rng)
-    return dict(rng=rng, haystack=haystack, needles=needles, relevant=relevant, question=question,
-                answers=vals[:asked * values])
-
-
 def _vt(seed, index) -> dict:
     rng = _rng("vt", seed, index)
     value = _numbers(rng, 1, 5)[0]
@@ -304,21 +289,23 @@ def _draw(draw, seed, index, source):  # a task that reads its haystack from a f
     return draw(seed, index) if source is None else draw(seed, index, essay=source)
 
 # -----------------------------------------------------------------------------
-# RULER's needle tasks as the release evaluates them (its synthetic.yaml), with RULER's key and value
-# formats (words, 7-digit numbers, uuids) and haystacks: "noise" (the repeated sentences above, the
-# project's stand-in for RULER's repeated lines), "essay" (the sentences of a text file the user
-# gives, cycled when the document is longer; RULER uses Paul Graham's essays) and "needles" (other
-# keys' needles, as distractors). The needle and question wording is the project's. RULER's
-# niah_multivalue and niah_multiquery are the project's tasks of those names on an essay haystack,
-# here niah_multivalue_essay and niah_multiquery_essay.
+# the needle-in-a-haystack family: `keys` keys with `values` values each, `asked` keys asked, keys and
+# values of RULER's formats (words, 7-digit numbers, uuids) on one of four haystacks: "noise" (the
+# repeated sentences above, the project's stand-in for RULER's repeated lines), "words" (generated
+# random words), "essay" (the sentences of a text file the user gives, cycled when the document is
+# longer; RULER uses Paul Graham's essays) and "needles" (other keys' needles, as distractors). The
+# needle and question wording is the project's. NIAH holds the project's tasks, RULER_NIAH RULER's as
+# the release evaluates them (its synthetic.yaml); RULER's niah_multivalue and niah_multiquery are the
+# project's tasks of those names on an essay haystack, here niah_multivalue_essay and niah_multiquery_essay.
 
-def _ruler_value(rng, kind):
+def _distinct(rng, kind, n) -> list[str]:
+    """n distinct keys or values: adjective-noun words, 7-digit numbers or uuids."""
+    if kind == "words":
+        picks = rng.choice(len(ADJECTIVES) * len(NOUNS), size=n, replace=False)
+        return [f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}" for i in picks]
     if kind == "numbers":
-        return _numbers(rng, 1, 7)[0]
-    if kind == "uuids":
-        return str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "big"), version=4))
-    i = int(rng.integers(len(ADJECTIVES) * len(NOUNS)))
-    return f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}"
+        return _numbers(rng, n, 7)
+    return [str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "big"), version=4)) for _ in range(n)]
 
 
 def _essay_haystack(path) -> Callable[[], Iterator[str]]:
@@ -347,31 +334,31 @@ def _needles_haystack(rng, key, value, asked) -> Callable[[], Iterator[str]]:
         r = np.random.default_rng(seed)
         first = True
         while True:
-            k, v = _ruler_value(r, key), _ruler_value(r, value)
+            k, v = _distinct(r, key, 1)[0], _distinct(r, value, 1)[0]
             if k not in asked:
                 yield ("" if first else SEP) + f"One of the magic {value} for {k} is {v}."
                 first = False
     return stream
 
 
-def _ruler_niah(task, seed, index, haystack, key="words", value="numbers", keys=1, values=1, asked=1,
-                essay=None) -> dict:
+def _niah(task, seed, index, haystack="noise", key="words", value="numbers", keys=1, values=1, asked=1,
+          essay=None) -> dict:
     if haystack == "essay" and essay is None:
         raise ValueError(f"{task} reads its haystack from a text file: give it as {task}:FILE")
     rng = _rng(task, seed, index)
-    names = list(dict.fromkeys(_ruler_value(rng, key) for _ in range(4 * keys)))[:keys]
-    vals = [_ruler_value(rng, value) for _ in range(keys * values)]
+    names, vals = _distinct(rng, key, keys), _distinct(rng, value, keys * values)
     needles = [f"One of the magic {value} for {names[i // values]} is {v}." for i, v in enumerate(vals)]
-    one = value[:-1]
     question = (f"What are the magic {value} for {', '.join(names[:asked - 1])} and {names[asked - 1]}?"
                 if asked > 1 else f"What are all the magic {value} for {names[0]}?" if values > 1
-                else f"What is the magic {one} for {names[0]}?")
-    stack = (_noise_haystack(rng) if haystack == "noise" else _essay_haystack(essay) if haystack == "essay"
-             else _needles_haystack(rng, key, value, set(names)))
+                else f"What is the magic {value[:-1]} for {names[0]}?")
+    stack = (_noise_haystack(rng) if haystack == "noise" else _word_haystack(rng) if haystack == "words"
+             else _essay_haystack(essay) if haystack == "essay" else _needles_haystack(rng, key, value, set(names)))
     return dict(rng=rng, haystack=stack, needles=needles, relevant=[i // values < asked for i in range(len(vals))],
                 question=question, answers=vals[:asked * values])
 
 
+NIAH = dict(niah_single={}, niah_single_words=dict(haystack="words"), niah_multikey=dict(keys=4),
+            niah_multivalue=dict(values=4), niah_multiquery=dict(keys=4, asked=4))
 RULER_NIAH = dict(niah_single_1=dict(haystack="noise"),
                   niah_single_2=dict(haystack="essay"),
                   niah_single_3=dict(haystack="essay", value="uuids"),
@@ -453,21 +440,18 @@ def fwe(length, tokenizer, seed=0, index=0, source=None) -> Sample:
     return Sample(f"fwe-{target}-{seed}-{index}", question, pieces, words[1:4], meta)
 
 
+def _niah_task(name, kw) -> TaskSpec:
+    return needle_task(name, partial(_niah, name, **kw), needles=kw.get("keys", 1) * kw.get("values", 1),
+                       relevant=kw.get("asked", 1) * kw.get("values", 1))
+
+
 TASKS = dict(
-    niah_single=needle_task("niah_single", partial(_niah, "niah_single"), needles=1, relevant=1),
-    niah_single_words=needle_task("niah_single_words", partial(_niah, "niah_single_words", words=True),
-                                  needles=1, relevant=1),
-    niah_multikey=needle_task("niah_multikey", partial(_niah, "niah_multikey", keys=4), needles=4, relevant=1),
-    niah_multivalue=needle_task("niah_multivalue", partial(_niah, "niah_multivalue", values=4),
-                                needles=4, relevant=4),
-    niah_multiquery=needle_task("niah_multiquery", partial(_niah, "niah_multiquery", keys=4, asked=4),
-                                needles=4, relevant=4),
+    **{name: _niah_task(name, kw) for name, kw in NIAH.items()},
     vt=needle_task("vt", _vt, needles=5, relevant=5),
     passkey=needle_task("passkey", _passkey, needles=1, relevant=1),
     two_hop=needle_task("two_hop", _two_hop, scorer="exact_match", needles=11, relevant=5),
     fwe=TaskSpec(fwe, fwe_minimum, "string_match_all", answers_in_needles=False),  # the answers are counted
-    **{name: needle_task(name, partial(_ruler_niah, name, **kw), needles=kw.get("keys", 1) * kw.get("values", 1),
-                         relevant=kw.get("asked", 1) * kw.get("values", 1)) for name, kw in RULER_NIAH.items()},
+    **{name: _niah_task(name, kw) for name, kw in RULER_NIAH.items()},
 )
 
 
