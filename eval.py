@@ -38,9 +38,10 @@ from model import build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_outputs import Outputs, write_file
 from settings import (INT64, TEMPERATURE, TOP_P, EvalConfig, SettingError, at_least, check_repeats, merge, one_of,
-                      option, read_json, within)
+                      option, parse_flags, read_json, within)
 from tasks import (FRAMES, RULER_QA, SOURCED, TASKS, Sample, boxed_em, check_length, extract_boxed, load_hotpotqa,
-                   hotpot_questions, load_jsonl, load_ruler_qa, make_samples, parse_length, read_records, score)
+                   hotpot_questions, load_jsonl, load_ruler_qa, make_samples, parse_length, read_records, sample_at,
+                   score)
 from tokenizer import load_tokenizer
 
 # the release's RULER-HotpotQA evaluation (its lengths are documents: about 7K ... 3.5M tokens): its
@@ -283,8 +284,9 @@ def question_file(kind, path):
     """A hotpotqa or jsonl file -> (its records as read, a Sample per record with no document)."""
     if kind == "jsonl":
         return [rec for _, rec in read_records(path)], [replace(s, document="") for s in load_jsonl(path)]
-    records = [item for _, item in hotpot_questions(path)]
-    return records, [Sample(r["_id"], r["question"], "", [r["answer"]], dict(scorer="sub_em")) for r in records]
+    records = hotpot_questions(path)
+    return [r for _, r in records], [sample_at(where, r["_id"], r["question"], "", [r["answer"]], dict(scorer="sub_em"))
+                                     for where, r in records]
 
 
 # the release's closed-book rule: each model answers each question twice, sampled (temperature 1.0,
@@ -439,16 +441,24 @@ def plot_curves(metrics_path):
 # --------------------------------------------------------------------------------------------
 # command line
 
+ROW = dict(task=str, mode=str, accuracy=(int, float), doc_tokens=(int, float))  # what a report reads of a row
+
+
 def read_results(paths):
+    """eval.py results files -> [(label, results)]: a run's label, else its file's name (with its path where
+    two share one); "(incomplete)" marks a sweep that did not finish."""
     runs = []
     for f in paths:
         res = read_json(f, "eval.py results")
         rows = res.get("results")
         if not (isinstance(res.get("config"), dict) and isinstance(rows, list) and all(
-                isinstance(r, dict) and {"task", "length", "mode", "accuracy", "doc_tokens"} <= set(r) for r in rows)):
+                isinstance(r, dict) and all(isinstance(r.get(k), t) and not isinstance(r.get(k), bool)
+                                            for k, t in ROW.items()) and (r.get("length") is None or
+                                                                          type(r.get("length")) is int) for r in rows)):
             raise SettingError(f"{f}: not eval.py results (a 'config' object and 'results' rows with task, length, "
                                "mode, accuracy and doc_tokens)")
-        runs.append((res["config"].get("label") or os.path.splitext(os.path.basename(f))[0], res))
+        label = res["config"].get("label") or os.path.splitext(os.path.basename(f))[0]
+        runs.append((label + ("" if res.get("complete", True) else " (incomplete)"), res))
     labels = [label for label, _ in runs]  # two runs of one name would share a table row: name them by file
     return [(label if labels.count(label) == 1 else f"{label} ({f})", res) for (label, res), f in zip(runs, paths)]
 
@@ -494,22 +504,25 @@ class SweepSettings(ModelSettings):
             raise SettingError(f"{', '.join('--' + k for k in unused)} cannot go with "
                                f"{'--closed-book' if self.closed_book else '--report'}: it writes no results there")
         kinds = [t.partition(":")[0] for t in self.tasks.split(",")]
-        if self.closed_book and (len(kinds) != 1 or kinds[0] not in ("hotpotqa", "jsonl")):
-            raise SettingError(f"--closed-book takes one hotpotqa:FILE or jsonl:FILE task, got {self.tasks!r}")
+        if self.closed_book and (len(kinds) != 1 or kinds[0] not in ("hotpotqa", "jsonl") or self.protocol):
+            raise SettingError(f"--closed-book takes one hotpotqa:FILE or jsonl:FILE task and no --protocol (it is "
+                               f"the release's filter, CLOSED_BOOK), got {self.tasks!r}")
+        if self.samples is None and not self.closed_book:
+            raise SettingError("'samples' must be >= 1, got None")
         if self.protocol == "memagent" and not set(kinds) <= {"hotpotqa", "jsonl"}:
             raise SettingError("--protocol memagent scores hotpotqa or jsonl questions with sub_em; the synthetic "
                                "tasks have their own scorers")
         check_repeats(self.n, self.temperature)
 
 
-def check_inputs(args, tokenizer):
-    """Every file a sweep reads or writes, checked before the model is loaded -> (the closed-book question
-    file or None, the claimed Outputs). ValueError/OSError naming the bad input."""
+def check_inputs(args, tokenizer, config):
+    """Every file a sweep reads (`config`: the --config file) or writes, checked before the model is loaded
+    -> (the closed-book question file or None, the claimed Outputs). ValueError/OSError naming the bad input."""
     tasks = args.tasks.split(",")
     cells = plan(tasks, ["1"]) if args.closed_book else check_sweep(tasks, args.lengths.split(","), args.samples,
                                                                     tokenizer, args.seed)
     template = args.agent.template if os.path.isfile(args.agent.template) else None
-    outputs = Outputs(reads=task_files(cells) + [args.model, args.tokenizer, template])
+    outputs = Outputs(reads=task_files(cells) + [args.model, args.tokenizer, template, config])
     for path, what in ((args.out, "--out"), (args.traces, "--traces"), (args.closed_book, "--closed-book"),
                        (args.traces and trace_page.page_path(args.traces), "--traces page"),
                        (args.plot, "--plot")):
@@ -531,14 +544,15 @@ def run_closed_book(args, model, tokenizer, question_set, outputs):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = SweepSettings.from_argv(sys.argv[1:] if argv is None else argv, __doc__)
+        args, config = SweepSettings.from_argv(argv, __doc__), parse_flags(argv)[1]
         if args.report:
-            runs, outputs = read_results(args.report.split(",")), Outputs(reads=args.report.split(","))
+            runs, outputs = read_results(args.report.split(",")), Outputs(reads=args.report.split(",") + [config])
             outputs.claim(args.plot, "--plot")
         else:
             print(f"agent: {asdict(args.agent)}")
-            questions, outputs = check_inputs(args, load_tokenizer(args.tokenizer or args.model))
+            questions, outputs = check_inputs(args, load_tokenizer(args.tokenizer or args.model), config)
             tokenizer, model = args.load()
             if questions:
                 return run_closed_book(args, model, tokenizer, questions, outputs)

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from model import build_model
+from model import TINY_CONFIGS, build_model
 from rollout import Engine, SamplingParams, derive_seed
 from run_outputs import write_file
 from settings import (INT64, TEMPERATURE, TOP_P, SettingError, Settings, at_least, build, nearest, one_of, option,
@@ -479,9 +479,15 @@ class ModelSettings(Settings):
         return agent_json(values.get("model"))
 
     def check_together(self):
+        if self.model and self.model not in TINY_CONFIGS and not os.path.isdir(self.model):
+            raise SettingError(f"'model': {self.model!r} is neither a checkpoint directory nor one of "
+                               f"{sorted(TINY_CONFIGS)}")
+        if self.model in TINY_CONFIGS and not self.tokenizer:
+            raise SettingError(f"'model' {self.model!r} is a fresh tiny model with no tokenizer: give --tokenizer")
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            torch.device(device)
+            if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError("this torch has no CUDA device")
         except RuntimeError as e:
             raise SettingError(f"'device' {device!r}: {str(e).splitlines()[0]}") from None
         self.device, self.dtype = device, self.dtype or ("bfloat16" if device.startswith("cuda") else "float32")

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 import eval as evaluation
 from model import Transformer
 from run_outputs import write_file
+from settings import SettingError
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,10 +93,10 @@ class Checkpointer:
             try:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RuntimeError(f"out_dir '{cfg.out_dir}' is in use by another run (its processes still "
+                raise OSError(f"out_dir '{cfg.out_dir}' is in use by another run (its processes still "
                                    "hold out_dir/.lock); stop them or choose another out_dir") from None
             if not (cfg.resume or cfg.export) and (os.path.exists(self.metrics) or self.newest()):
-                raise RuntimeError(f"out_dir '{cfg.out_dir}' holds an earlier run; pass --resume to continue "
+                raise SettingError(f"out_dir '{cfg.out_dir}' holds an earlier run; pass --resume to continue "
                                    "it, or choose a new out_dir")
             if cfg.export and not self.newest():
                 raise FileNotFoundError(f"--export: no checkpoint in '{self.dir}' to export (is out_dir right?)")

@@ -225,17 +225,23 @@ def parse_flags(argv):
     return values, config
 
 
-def nest(values, where):
-    """{'a.b': 1, 'a': {'c': 2}} -> {'a': {'b': 1, 'c': 2}}: dotted keys, as flags and files may use."""
-    out = {}
+def nest(values, where, out=None, prefix=""):
+    """{'a.b': 1, 'a': {'c': 2}} -> {'a': {'b': 1, 'c': 2}}: dotted keys, as flags and files may use;
+    one setting given in two spellings is refused."""
+    out = {} if out is None else out
     for key, value in values.items():
-        *sections, leaf = key.split(".")
+        if isinstance(value, dict) and value:
+            nest(value, where, out, f"{prefix}{key}.")
+            continue
+        *sections, leaf = (prefix + key).split(".")
         node = out
         for s in sections:
             node = node.setdefault(s, {})
             if not isinstance(node, dict):
                 raise SettingError(f"{where}: '{s}' is set and used as a section")
-        node[leaf] = merge(node.get(leaf, {}), nest(value, where)) if isinstance(value, dict) else value
+        if leaf in node:
+            raise SettingError(f"{where}: '{prefix}{key}' is given twice")
+        node[leaf] = value
     return out
 
 

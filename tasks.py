@@ -634,7 +634,7 @@ def _hotpot_sample(i, where, item, titles, texts, num_docs, seed, context, slots
     supporting = [paragraphs[t][s].strip() for t, s in item["supporting_facts"] if 0 <= s < len(paragraphs[t])]
     meta = dict(task="hotpotqa", length=num_docs, num_docs=num_docs, scorer="sub_em", context=context,
                 gold_titles=gold_titles, supporting=supporting, seed=seed, index=i)
-    return Sample(item["_id"], item["question"], pieces, [item["answer"]], meta)
+    return sample_at(where, item["_id"], item["question"], pieces, [item["answer"]], meta)
 
 
 # -----------------------------------------------------------------------------
@@ -734,8 +734,17 @@ def load_jsonl(path, scorer: str = "sub_em") -> list[Sample]:
             raise ValueError(f"{where}: id {rec['id']!r} is also {ids[str(rec['id'])]}'s")
         ids[str(rec["id"])] = where
         meta = dict(task="jsonl", length=None, scorer=scorer, record=where)
-        samples.append(Sample(str(rec["id"]), rec["question"], rec["context"], answers, meta))
+        samples.append(sample_at(where, str(rec["id"]), rec["question"], rec["context"], answers, meta))
+    if not samples:
+        raise ValueError(f"{path}: holds no records")
     return samples
+
+
+def sample_at(where, *fields) -> Sample:
+    try:
+        return Sample(*fields)
+    except ValueError as e:  # an empty question or answer, as the record holds it
+        raise ValueError(f"{where}: {e}") from None
 
 
 # -----------------------------------------------------------------------------

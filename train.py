@@ -81,7 +81,9 @@ class Config(Settings):
         if self.algo == "rl" and self.rl.dynamic_sampling and self.rl.n < 2:
             raise SettingError(f"rl.dynamic_sampling needs rl.n >= 2 rollouts per question, got {self.rl.n}: a "
                                "group of one reward is never informative; raise rl.n or turn it off")
-        if self.eval.every and not self.eval.tasks and self.data.tasks.partition(":")[0] in TASK_FILES:
+        held_out, trained = (self.eval.tasks or self.data.tasks).partition(":"), self.data.tasks.partition(":")
+        if self.eval.every and trained[0] in TASK_FILES and os.path.realpath(held_out[2]) == os.path.realpath(
+                trained[2]):
             raise SettingError("eval.tasks must name a held-out file when data.tasks is a file (else validation "
                                "would read the training questions)")
         if self.algo == "sft" and self.data.max_chunks:
@@ -94,8 +96,8 @@ class Config(Settings):
             check_export_dir(self)
         if self.tokenizer and not os.path.exists(self.tokenizer):
             raise SettingError(f"tokenizer: no such file or directory '{self.tokenizer}'")
-        generated = self.data.tasks.partition(":")[0] not in TASK_FILES and not self.eval.tasks
-        if self.eval.every and generated and self.eval.seed == self.seed:
+        shared = set((self.eval.tasks or self.data.tasks).split(",")) & set(self.data.tasks.split(","))
+        if self.eval.every and trained[0] not in TASK_FILES and shared and self.eval.seed == self.seed:
             raise SettingError(f"eval.seed={self.eval.seed} is the run's seed: validation would draw the training "
                                "questions; give it a seed of its own")
 
@@ -294,8 +296,6 @@ class Questions:
         if cfg.data.tasks.partition(":")[0] in TASK_FILES:  # one file, read whole
             (_, kind, path, n), = task_cells(cfg.data.tasks, cfg.data.lengths, cfg.data.hotpot_docs)
             self.samples = evaluation.load_samples(kind, path, n, tok, None, cfg.seed)[:cfg.data.max_questions or None]
-            if not self.samples:
-                raise SettingError(f"data.tasks: {cfg.data.tasks} holds no samples")
         else:
             self.names = cfg.data.tasks.split(",")
             self.lengths = [tasks.parse_length(x) for x in cfg.data.lengths.split(",")]
@@ -533,8 +533,8 @@ class Trainer:
             self.cfg = self.checkpoints.cfg = cfg = settings_of_the_run(cfg, self.checkpoints)
             self.tok = build_tokenizer(cfg, self.rank)
             self.learner = Learner(cfg, self.world, self.device, self.tok.vocab_size)
-            self.questions = Questions(cfg, self.tok)
-            self.held_out = held_out_samples(cfg, self.tok) if cfg.eval.every else []
+            self.questions = None if cfg.export else Questions(cfg, self.tok)  # an export reads no data
+            self.held_out = held_out_samples(cfg, self.tok) if cfg.eval.every and not cfg.export else []
         except BaseException:
             self.checkpoints.release_out_dir()
             raise

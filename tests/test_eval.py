@@ -277,7 +277,7 @@ def test_bad_arguments(checkpoint, tmp_path, capsys):
 
 
 def settings(*argv):
-    return ev.SweepSettings.from_argv(["--model", "m", "--tasks", "jsonl:q.jsonl", *argv])
+    return ev.SweepSettings.from_argv(["--model", f"{ROOT}/checkpoints/tiny", "--tasks", "jsonl:q.jsonl", *argv])
 
 
 def test_protocol_memagent_is_the_release_evaluation():
@@ -435,3 +435,37 @@ def test_any_sweep_settings_file_builds_checked_settings_or_is_refused_by_key(va
         return
     assert bool(args.model) != bool(args.report) and args.n >= 1 and args.frame in ev.FRAMES
     assert not (args.n > 1 and args.temperature == 0) and args.device and args.dtype
+
+
+def test_what_a_sweep_reads_and_writes_is_checked_first(checkpoint, tmp_path, monkeypatch):
+    path, _, _ = checkpoint
+    (tmp_path / "s.json").write_text(json.dumps({"model": str(path), "lengths": "300", "samples": 1}))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    qa_file(tmp_path / "qa.jsonl", 2)
+    qa = f"jsonl:{tmp_path / 'qa.jsonl'}"
+    for argv, match in ((["--config", str(tmp_path / "s.json"), "--out", str(tmp_path / "s.json")],
+                         "would overwrite .*s.json.*which this run reads"),  # the settings file is an input
+                        (["--tasks", qa, "--closed-book", str(tmp_path / "c.jsonl"), "--protocol", "memagent"],
+                         "no --protocol"),
+                        (["--tasks", f"jsonl:{tmp_path / 'empty.jsonl'}"], "empty.jsonl: holds no records"),
+                        (["--samples", "none"], "'samples' must be >= 1, got None"),
+                        (["--model", str(tmp_path / "none")], "'model': .*none' is neither a checkpoint"),
+                        (["--model", "micro"], "give --tokenizer")):
+        with pytest.raises(SystemExit, match=match):
+            ev.main(["--model", str(path), "--lengths", "300", *argv])
+    assert json.loads((tmp_path / "s.json").read_text())["samples"] == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="'device' 'cuda': this torch has no CUDA device"):
+        ev.main(["--model", str(path), "--device", "cuda"])
+
+
+def test_reports_refuse_rows_they_cannot_draw_and_mark_unfinished_runs(tmp_path, capsys):
+    row = dict(task="vt", length=8192, mode="agent", samples=1, accuracy=0.5, ci_low=0.1, ci_high=0.9,
+               tokens_read=8000, doc_tokens=8000, seconds=1.0, tokens_per_s=8000.0, errors=0)
+    for bad in (dict(accuracy="0.5"), dict(accuracy=None), dict(length="1k"), dict(task=3)):
+        (tmp_path / "r.json").write_text(json.dumps(dict(config={}, results=[row | bad])))
+        with pytest.raises(SystemExit, match="r.json: not eval.py results"):
+            ev.main(["--report", str(tmp_path / "r.json"), "--markdown"])
+    (tmp_path / "r.json").write_text(json.dumps(dict(config={"label": "half"}, complete=False, results=[row])))
+    ev.main(["--report", str(tmp_path / "r.json"), "--markdown"])
+    assert "| half (incomplete) (agent) | 50.0 [10.0, 90.0] |" in capsys.readouterr().out

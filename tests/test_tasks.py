@@ -851,3 +851,15 @@ def test_any_hotpotqa_item_reads_its_own_paragraphs_or_is_refused(context, facts
         return
     text = tasks.document_text(samples[0])
     assert all(f"\n{title}\n" in text for title, _ in facts)  # the question's own paragraphs are in its document
+
+
+def test_a_record_with_an_empty_question_or_answer_is_named_by_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "a", "question": "Q?", "context": "c", "answers": ["x"]}\n'
+                    '{"id": "b", "question": "Q?", "context": "c", "answers": ["", "y"]}\n')
+    with pytest.raises(ValueError, match="d.jsonl:2: sample b: answers must be"):
+        tasks.load_jsonl(path)
+    items = hotpot_items(3)
+    items[1]["question"] = "  "
+    with pytest.raises(ValueError, match=r"hp.json\[1\]: sample .*the question must be"):
+        tasks.load_hotpotqa(write(tmp_path / "hp.json", items), num_docs=20)

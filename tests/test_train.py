@@ -325,7 +325,7 @@ def test_out_dir_is_checked_before_any_step(tmp_path, tokenizer_path):
     # an earlier run there: refused without --resume
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(RuntimeError, match="holds an earlier run; pass --resume"):
+    with pytest.raises(ValueError, match="holds an earlier run; pass --resume"):
         Trainer(config(tmp_path / "old", tokenizer_path, "--steps=1")).train()
     # --export with nothing to export (a typo in out_dir is enough)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -336,11 +336,11 @@ def test_out_dir_is_checked_before_any_step(tmp_path, tokenizer_path):
     (tmp_path / "busy").mkdir()
     with open(tmp_path / "busy" / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_SH)
-        with pytest.raises(RuntimeError, match="in use by another run"):
+        with pytest.raises(OSError, match="in use by another run"):
             Trainer(config(tmp_path / "busy", tokenizer_path, "--steps=1")).train()
     # a refused run writes nothing there: not even the tokenizer it would train for itself
     (tmp_path / "old" / "tokenizer.model").write_bytes(b"the earlier run's")
-    with pytest.raises(RuntimeError, match="holds an earlier run"):
+    with pytest.raises(ValueError, match="holds an earlier run"):
         Trainer(Config.from_argv(TINY + [f"--out_dir={tmp_path / 'old'}", "--data.tokenizer_tasks=vt"]))
     assert (tmp_path / "old" / "tokenizer.model").read_bytes() == b"the earlier run's"
     # not writable
@@ -469,6 +469,9 @@ def test_settings_files_and_flags_in_every_form(tmp_path):
     assert Config.from_argv([f"--config={tmp_path / 'c.json'}", "--model=micro"]).steps == 5
     with pytest.raises(ValueError, match="export: .* is the run's model"):
         Config.from_argv([f"--model={ROOT}/checkpoints/tiny-sft", f"--export={ROOT}/checkpoints/tiny-sft/"])
+    (tmp_path / "twice.json").write_text(json.dumps({"agent.chunk_tokens": 64, "agent": {"chunk_tokens": 32}}))
+    with pytest.raises(ValueError, match="'agent.chunk_tokens' is given twice"):  # one setting, two spellings
+        Config.from_argv(["--config", str(tmp_path / "twice.json")])
 
 
 def test_resume_refuses_settings_that_would_make_the_record_lie(tmp_path, tokenizer_path):
@@ -518,6 +521,9 @@ def test_flags_are_given_once_and_bare_only_for_switches(tmp_path):
                         (["--data.lengths=abc"], "data: bad length .abc."),
                         (["--eval.every=5", "--eval.seed=0"], "eval.seed=0 is the run's seed"),
                         (["--steps=2", "--config"], "give the settings file"),
+                        (["--eval.every=5", "--eval.tasks=niah_single,vt", "--eval.seed=0"], "is the run's seed"),
+                        (["--data.tasks=jsonl:a.jsonl", "--eval.every=5", "--eval.tasks=jsonl:./a.jsonl"],
+                         "must name a held-out file"),
                         (["--algo=sft", "--data.max_chunks=8"], "leave it 0 with algo=sft")):
         with pytest.raises(ValueError, match=named):
             Config.from_argv(["--model=micro", *argv])
@@ -555,4 +561,15 @@ def test_an_export_says_which_settings_it_set_aside(tmp_path, tokenizer_path, ca
     Trainer(config(tmp_path, tokenizer_path, "--steps=1", "--algo=sft", "--resume", "--optim.lr=0.5",
                    f"--export={tmp_path / 'hf'}")).train()
     assert "set aside: optim.lr=0.5" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_an_export_reads_no_training_data(tmp_path, tokenizer_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(dict(id=i, question="Where?", context="here", answers=["here"])) + "\n"
+                            for i in range(4)))
+    run = ["--steps=1", "--rl.dynamic_sampling=false", f"--data.tasks=jsonl:{data}"]
+    Trainer(config(tmp_path / "run", tokenizer_path, *run)).train()
+    data.unlink()  # the data moved away: the run can still be exported
+    Trainer(config(tmp_path / "run", tokenizer_path, *run, "--resume", f"--export={tmp_path / 'hf'}")).train()
     assert (tmp_path / "hf" / "model.safetensors").exists()
