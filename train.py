@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -469,51 +470,32 @@ def shaped_rewards(cfg, reward_fn, sample, group):
 
 
 def rollout_metrics(seen, kept=()):
-    """Sums over every generated group [(sample, trajectories, rewards)], reduced across ranks by key:
-    what the policy really does, not only the kept groups; by task too, with the groups `kept` for the
-    update (a task whose groups are all dropped by dynamic sampling is not trained)."""
-    trajs = [t for _, g, _ in seen for t in g]
-    memories = [c for t in trajs for c in t.conversations if not c.is_final]
-    answers = [t for t in trajs if t.answer_text is not None]
-    by_task = {}
+    """Sums over every generated group [(sample, trajectories, rewards)] (what the policy really does, not
+    only the groups `kept` for the update), by task too, reduced across ranks by key; a mean's count sits
+    beside it as KEY/n, so that means() of the ranks' sums is the mean over all of them."""
+    m = Counter()
     for s, g, rs in seen:
         task = s.meta.get("task", "data")
-        right = sum(tasks.score(s, t.answer_text) for t in g)
-        for key, value in ((f"reward/{task}", sum(rs)), (f"accuracy/{task}", right),
-                           (f"trajectories/{task}", len(g)), (f"groups/{task}", 1)):
-            by_task[key] = by_task.get(key, 0) + value
+        m[f"groups/{task}"] += 1
+        m[f"kept_groups/{task}"] += 0  # a task whose groups are all dropped by dynamic sampling is not trained
+        for t, r in zip(g, rs):
+            memories = [c for c in t.conversations if not c.is_final]
+            answered = t.answer_text is not None and bool(t.conversations)
+            right = tasks.score(s, t.answer_text)
+            for key, value, n in (("reward", r, 1), (f"reward/{task}", r, 1), ("accuracy", right, 1),
+                                  (f"accuracy/{task}", right, 1), ("turns", t.turns, 1),
+                                  ("memory_len", sum(len(c.response_ids) for c in memories), len(memories)),
+                                  ("memory_capped_frac", sum(c.finish_reason == "length" for c in memories),
+                                   len(memories)),
+                                  ("answer_len", len(t.conversations[-1].response_ids) if answered else 0, answered),
+                                  ("no_boxed_frac", answered and t.answer is None, answered)):
+                m[key] += value
+                m[key + "/n"] += n
+            m["errors"] += t.error is not None
+            m["gen_tokens"] += t.tokens_generated
     for s, _, _ in kept:
-        key = f"kept_groups/{s.meta.get('task', 'data')}"
-        by_task[key] = by_task.get(key, 0) + 1
-    return by_task | {
-        "reward": sum(r for _, _, rs in seen for r in rs), "trajectories": len(trajs),
-        "accuracy": sum(tasks.score(s, t.answer_text) for s, g, _ in seen for t in g),
-        "memory_len": sum(len(c.response_ids) for c in memories), "memory_updates": len(memories),
-        "memory_capped": sum(c.finish_reason == "length" for c in memories),
-        "answer_len": sum(len(t.conversations[-1].response_ids) for t in answers if t.conversations),
-        "answers": len(answers), "no_boxed": sum(t.answer is None for t in answers),
-        "turns": sum(t.turns for t in trajs), "errors": sum(t.error is not None for t in trajs),
-        "gen_tokens": sum(t.tokens_generated for t in trajs),
-    }
-
-
-def per_step(sums, rollout_s):
-    """Means and rates from the summed rollout metrics; per task: reward, accuracy, groups generated and kept."""
-    n = max(sums["trajectories"], 1)
-    by_task = {}
-    for task in (k.split("/", 1)[1] for k in sums if k.startswith("groups/")):
-        count = max(sums[f"trajectories/{task}"], 1)
-        by_task.update({f"reward/{task}": sums[f"reward/{task}"] / count,
-                        f"accuracy/{task}": sums[f"accuracy/{task}"] / count,
-                        f"groups/{task}": sums[f"groups/{task}"],
-                        f"kept_groups/{task}": sums.get(f"kept_groups/{task}", 0)})
-    return by_task | dict(reward=sums["reward"] / n, accuracy=sums["accuracy"] / n, turns=sums["turns"] / n,
-                errors=sums["errors"], memory_len=sums["memory_len"] / max(sums["memory_updates"], 1),
-                memory_capped_frac=sums["memory_capped"] / max(sums["memory_updates"], 1),
-                answer_len=sums["answer_len"] / max(sums["answers"], 1),
-                no_boxed_frac=sums["no_boxed"] / max(sums["answers"], 1), gen_tokens=sums["gen_tokens"],
-                prefill_tokens=sums["prefill_tokens"], prefix_cache_tokens=sums["prefix_cache_tokens"],
-                gen_tokens_per_s=sums["gen_tokens"] / max(rollout_s, 1e-9))
+        m[f"kept_groups/{s.meta.get('task', 'data')}"] += 1
+    return m
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,14 +591,14 @@ class Trainer:
         updates = [u for u in (self.learner.update(mbs) for mbs in mini) if u]
         update_s = time.perf_counter() - t0
         m.update({k: float(np.mean([u[k] for u in updates if k in u])) for u in updates for k in u})
-        sums = all_sum(dict(rollout_metrics(seen, kept), prefill_tokens=st.pop("prefill_tokens"),
-                            prefix_cache_tokens=st.pop("prefix_cache_tokens"), train_tokens=sum(map(len, rows)),
-                            adv_sum=float(adv.sum()), adv_sq=float((adv ** 2).sum()), adv_n=len(adv)), self.device)
-        adv_mean = sums["adv_sum"] / max(sums["adv_n"], 1)
-        m.update(per_step(sums, st["rollout_s"]), **st, logprob_s=logprob_s, update_s=update_s,
-                 train_tokens=sums["train_tokens"], adv_mean=adv_mean,
-                 adv_std=math.sqrt(max(sums["adv_sq"] / max(sums["adv_n"], 1) - adv_mean ** 2, 0)),
-                 train_tokens_per_s=sums["train_tokens"] / max(update_s + logprob_s, 1e-9))
+        m.update(means(all_sum(dict(rollout_metrics(seen, kept), **{"adv_mean": float(adv.sum()), "adv_sq":
+                                    float((adv ** 2).sum()), "adv_mean/n": len(adv), "adv_sq/n": len(adv)},
+                                    train_tokens=sum(map(len, rows)), prefill_tokens=st.pop("prefill_tokens"),
+                                    prefix_cache_tokens=st.pop("prefix_cache_tokens")), self.device)),
+                 **st, logprob_s=logprob_s, update_s=update_s)
+        m.update(adv_std=math.sqrt(max(m.pop("adv_sq") - m["adv_mean"] ** 2, 0)),
+                 gen_tokens_per_s=m["gen_tokens"] / max(st["rollout_s"], 1e-9),
+                 train_tokens_per_s=m["train_tokens"] / max(update_s + logprob_s, 1e-9))
         return m
 
     def sft_step(self):
@@ -741,8 +723,8 @@ def earliest_groups(mine, want, world):
 
 
 def means(sums):
-    """{key: total, key/n: count} -> {key: total / count}."""
-    return {k: v / sums[k + "/n"] for k, v in sums.items() if not k.endswith("/n")}
+    """{key: total, key/n: count} -> {key: total / count} (0 for no count); a key with no count stays a total."""
+    return {k: v / max(sums[k + "/n"], 1) if k + "/n" in sums else v for k, v in sums.items() if not k.endswith("/n")}
 
 
 def _rss_bytes():
