@@ -6,21 +6,14 @@
     python eval.py --report tiny.json,qwen7b.json --plot overlay.png --markdown   # nothing is run
     python eval.py --model Qwen2.5-7B-Instruct --tasks hotpotqa:hotpot_dev.json --closed-book hard.jsonl --samples 200
 
-The agent's budgets and template come from the checkpoint's agent.json (flags override them). Each
-task x length cell rolls --samples questions out --n times (greedy by default) and reports the mean
-score (the task's scorer on the final answer: on its last \\boxed{}, or with --frame answer_is on the
-text after "the answer is") with its 95% Wilson interval, document tokens read, wall time and
-tokens read per second; a failing rollout scores 0, keeps its error, and the run goes on. Lengths
-are tokens of the model's tokenizer ("8k", "3.5m") for tasks.TASKS and qa_1/qa_2; for
-hotpotqa:FILE a plain number is a document count and k/m converts at the paper's 200 documents
-per 28K tokens; a jsonl:FILE task is the file's lines. --protocol memagent is the release's
-RULER-HotpotQA evaluation (temperature 0.7, top_p 0.95, the file's first 128 questions at 50 ...
-25600 documents, the answer-is frame and its sub_em); --protocol ruler its RULER sweep (8K ... 512K
-tokens). --mode direct puts the whole document in one prompt, cut in the middle to fit the window
-(the paper's baselines). --closed-book OUT.jsonl writes the records of a hotpotqa or jsonl file
-(its first --samples) whose question the model cannot answer without the document, as the input
-held them, by the release's rule (see CLOSED_BOOK). Every input is checked before the first cell,
-and --out is rewritten after each cell ("complete": false until the end).
+Each task x length cell rolls --samples questions out --n times and reports the mean score (the
+task's scorer on the final answer, in the --frame it was asked in) with its 95% Wilson interval over
+the questions, document tokens read, wall time and tokens read per second; a failing rollout scores
+0, keeps its error, and the run goes on. Every input is checked before the first cell, and --out is
+rewritten after each cell ("complete": false until the end). Lengths are tokens of the model's
+tokenizer; for hotpotqa:FILE a plain number is a document count (k/m convert at the paper's 200
+documents per 28K tokens); a jsonl:FILE task is the file's lines. The protocols are PROTOCOLS, the
+closed-book filter CLOSED_BOOK; `--help` lists every setting.
 """
 import io
 import json

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from run_outputs import write_file
 from settings import read_json
 
 
@@ -160,6 +161,18 @@ def check_hf_keys(hf, path, family):
             raise ValueError(f"{path}: {key}={value!r} must be {rule[1]}")
 
 
+# HF config.json keys that are ModelConfig fields as they are (read with their defaults, written back)
+HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+             "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
+             "intermediate_size": "intermediate_size", "rms_norm_eps": "rms_eps",
+             "tie_word_embeddings": "tie_word_embeddings", "max_position_embeddings": "max_position_embeddings",
+             "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id"}
+# what each family's config.json says of the features it does not use (Qwen2's q/k/v biases are implied)
+FAMILY_KEYS = {"llama": dict(attention_bias=False, mlp_bias=False), "mistral": dict(sliding_window=None),
+               "qwen2": dict(use_sliding_window=False, sliding_window=None),
+               "qwen3": dict(use_sliding_window=False, sliding_window=None, attention_bias=False)}
+
+
 @dataclass
 class ModelConfig:
     family: str = "llama"  # llama | mistral | qwen2 | qwen3
@@ -215,57 +228,25 @@ class ModelConfig:
                                                                                               or ())
         if window and sliding:
             max_pos = min(max_pos, window)
+        given = {field: hf[key] for key, field in HF_FIELDS.items() if hf.get(key) is not None}
         try:
-            return cls(family=family, vocab_size=hf["vocab_size"], hidden_size=hidden,
-                       num_layers=hf["num_hidden_layers"], num_heads=num_heads,
-                       num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-                       head_dim=hf.get("head_dim") or hidden // num_heads, intermediate_size=hf["intermediate_size"],
-                       rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-                       tie_word_embeddings=hf.get("tie_word_embeddings", False), max_position_embeddings=max_pos,
-                       attention_bias=family == "qwen2", qk_norm=family == "qwen3",
-                       bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+            return cls(**given | dict(family=family, num_kv_heads=given.get("num_kv_heads", num_heads),
+                                      head_dim=given.get("head_dim", hidden // num_heads), rope_scaling=scaling,
+                                      tie_word_embeddings=given.get("tie_word_embeddings", False), rope_theta=theta,
+                                      max_position_embeddings=max_pos, attention_bias=family == "qwen2",
+                                      qk_norm=family == "qwen3"))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
     def to_hf(self, dtype=torch.float32):
         """The config.json that HF transformers and vLLM read for this model."""
-        arch = {v: k for k, v in ARCHITECTURES.items()}[self.family]
-        hf = {
-            "architectures": [arch],
-            "model_type": self.family,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_eps,
-            # transformers 4 reads rope_theta + rope_scaling, 5 reads rope_parameters (and prefers
-            # rope_scaling when it is set): writing both, equal, loads the same RoPE in either.
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "rope_parameters": {"rope_type": "default", **(self.rope_scaling or {}),
-                                "rope_theta": self.rope_theta},
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "torch_dtype": str(dtype).removeprefix("torch."),
-            "use_cache": True,
-        }
-        if self.family == "llama":
-            hf["attention_bias"] = self.attention_bias
-            hf["mlp_bias"] = False
-        if self.family in ("qwen2", "qwen3"):
-            hf["use_sliding_window"] = False
-            hf["sliding_window"] = None
-        if self.family == "qwen3":
-            hf["attention_bias"] = False
-        if self.family == "mistral":
-            hf["sliding_window"] = None
-        return hf
+        return {"architectures": [{v: k for k, v in ARCHITECTURES.items()}[self.family]], "model_type": self.family,
+                **{key: getattr(self, field) for key, field in HF_FIELDS.items()}, "hidden_act": "silu",
+                # transformers 4 reads rope_theta + rope_scaling, 5 reads rope_parameters (and prefers
+                # rope_scaling when it is set): writing both, equal, loads the same RoPE in either.
+                "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+                "rope_parameters": {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta},
+                "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True, **FAMILY_KEYS[self.family]}
 
 
 # Named configs for models trained from scratch (the embedded default and test sizes).
@@ -593,8 +574,7 @@ class Transformer(nn.Module):
             params = {n: p for n, p in params.items() if n != "lm_head.weight"}
         tensors = {hf_name(n): p.detach().cpu().contiguous() for n, p in params.items()}
         dtype = next(iter(tensors.values())).dtype
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.config.to_hf(dtype), f, indent=2)
+        write_file(os.path.join(path, "config.json"), json.dumps(self.config.to_hf(dtype), indent=2))
         shards, size = [{}], 0
         for k, t in tensors.items():
             nbytes = t.numel() * t.element_size()
@@ -613,8 +593,8 @@ class Transformer(nn.Module):
             save_file(shard, os.path.join(path, fname), metadata=meta)
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        write_file(os.path.join(path, "model.safetensors.index.json"),
+                   json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
