@@ -61,30 +61,21 @@ def hotpotqa_docs(length):
 
 def plan(tasks, lengths):
     """The (name, kind, file, length) cells of a sweep; raises ValueError on any bad argument, before work."""
-    tokens = [parse_length(l) for l in lengths]
-    cells = []
+    tokens, cells = [parse_length(l) for l in lengths], []
     for spec in tasks:
         kind, _, path = spec.partition(":")
-        if kind in TASKS and bool(path) == (kind in SOURCED):
-            if path and not os.path.isfile(path):
-                raise ValueError(f"task {spec!r}: no such file {path!r}")
-            cells += [(kind, kind, path or None, n) for n in tokens]
-        elif kind in SOURCED:
+        if kind in SOURCED and not path:
             raise ValueError(f"task {kind!r} reads its haystack from a text file: give it as {kind}:FILE")
-        elif kind in RULER_QA and path:
-            if not os.path.isfile(path):
-                raise ValueError(f"task {spec!r}: no such file {path!r}")
-            cells += [(kind, kind, path, n) for n in tokens]
-        elif kind in ("hotpotqa", "jsonl") and path:
-            if not os.path.isfile(path):
-                raise ValueError(f"task {spec!r}: no such file {path!r}")
-            if kind == "hotpotqa":
-                cells += [("hotpotqa", kind, path, hotpotqa_docs(l)) for l in lengths]
-            else:
-                cells.append((os.path.splitext(os.path.basename(path))[0], kind, path, None))
-        else:
+        if not (kind in TASKS and bool(path) == (kind in SOURCED) or path and kind in (*RULER_QA, "hotpotqa", "jsonl")):
             raise ValueError(f"unknown task {spec!r}: expected one of {', '.join(TASKS)}, hotpotqa:FILE, jsonl:FILE, "
                              f"qa_1:SQUAD_FILE or qa_2:HOTPOTQA_FILE")
+        if path and not os.path.isfile(path):
+            raise ValueError(f"task {spec!r}: no such file {path!r}")
+        if kind == "jsonl":
+            cells.append((os.path.splitext(os.path.basename(path))[0], kind, path, None))
+        else:
+            cells += [(kind, kind, path or None, hotpotqa_docs(l) if kind == "hotpotqa" else n)
+                      for l, n in zip(lengths, tokens)]
     files = {}  # a name two files share (two dev.jsonl) would merge their rows: such tasks are named by file
     for name, _, path, _ in cells:
         files.setdefault(name, set()).add(path)
@@ -353,34 +344,36 @@ def markdown(runs):
     return "\n".join(out)
 
 
-def pyplot(what):
-    """matplotlib.pyplot for files (no display), or None with a note when it is not installed."""
+def task_panels(what, path, names, draw, **subplots):
+    """A PNG with a panel per task, each drawn by draw(axes, task) -> path, or None without matplotlib
+    (said) or without a task."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # files, no display
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"matplotlib is not installed: skipping {what} (pip install matplotlib)", flush=True)
         return None
-    return plt
-
-
-def save_png(fig, path, **kw):
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(1 + 4.2 * len(names), 4), squeeze=False, **subplots)
+    for ax, task in zip(axes[0], names):
+        draw(ax, task)
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
     png = io.BytesIO()
-    fig.savefig(png, format="png", **kw)
-    pyplot("").close(fig)
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
     write_file(path, png.getvalue())
+    return path
 
 
 def plot(runs, path):
     """A panel per task (one y axis), a line per (run, mode): accuracy vs document tokens (log x),
     shaded with its 95% interval where the results have one. False if matplotlib is missing."""
-    plt = pyplot(f"the plot {path}")
-    if plt is None:
-        return False
-    names = list(dict.fromkeys(r["task"] for _, res in runs for r in res["results"]))
-    fig, axes = plt.subplots(1, len(names), figsize=(1 + 4 * len(names), 4.2), sharey=True, squeeze=False)
-    for ax, task in zip(axes[0], names):
+    def draw(ax, task):
         for label, res in runs:
             for mode in dict.fromkeys(r["mode"] for r in res["results"] if r["task"] == task):
                 rows = sorted((r for r in res["results"] if r["task"] == task and r["mode"] == mode),
@@ -390,28 +383,22 @@ def plot(runs, path):
                 if all("ci_low" in r for r in rows):
                     ax.fill_between(x, [100 * r["ci_low"] for r in rows], [100 * r["ci_high"] for r in rows],
                                     alpha=0.15)
-        ax.set(title=task, xscale="log", xlabel="document tokens")
-        ax.grid(alpha=0.3)
-    axes[0][0].set(ylabel="accuracy (x100)", ylim=(-2, 102))
-    axes[0][-1].legend(fontsize=8)
-    save_png(fig, path, dpi=150, bbox_inches="tight")
-    print(f"wrote {path}")
-    return True
+        ax.set(xscale="log", xlabel="document tokens", ylabel="accuracy (x100)", ylim=(-2, 102))
+
+    names = list(dict.fromkeys(r["task"] for _, res in runs for r in res["results"]))
+    if task_panels(f"the plot {path}", path, names, draw, sharey=True):
+        print(f"wrote {path}")
+        return True
+    return False
 
 
 def plot_curves(metrics_path):
     """Reward, accuracy, groups kept and held-out accuracy per task over the steps of metrics.jsonl,
     a panel per task, to curves.png beside it -> its path (None without matplotlib or anything to plot)."""
-    plt = pyplot("training curves")
-    if plt is None:
-        return None
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    names = sorted({k.split("/", 1)[1] for m in rows for k in m if k.startswith(("reward/", "val_accuracy/"))})
-    if not names:
-        return None
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], names):
+
+    def draw(ax, task):
         for key, label, style in ((f"reward/{task}", "reward", "-"), (f"accuracy/{task}", "accuracy", "--"),
                                   (f"val_accuracy/{task}", "held-out accuracy", "o-")):
             points = [(m["step"], m[key]) for m in rows if key in m]
@@ -421,14 +408,10 @@ def plot_curves(metrics_path):
                 for m in rows if f"groups/{task}" in m]
         if kept:
             ax.plot(*zip(*kept), ":", color="gray", label="groups kept / generated")
-        ax.set(title=task, xlabel="step", ylim=(-0.02, 1.02))
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(os.path.dirname(metrics_path), "curves.png")
-    save_png(fig, path, dpi=100)
-    return path
+        ax.set(xlabel="step", ylim=(-0.02, 1.02))
 
+    names = sorted({k.split("/", 1)[1] for m in rows for k in m if k.startswith(("reward/", "val_accuracy/"))})
+    return task_panels("training curves", os.path.join(os.path.dirname(metrics_path), "curves.png"), names, draw)
 
 
 # --------------------------------------------------------------------------------------------
