@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 import eval as evaluation
 from model import Transformer
 from run_outputs import write_file
-from settings import SettingError
+from settings import SettingError, read_json
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,9 +137,8 @@ class Checkpointer:
                        os.path.join(tmp, f"rng_rank{self.rank}.pt"))
             barrier()
             if self.rank == 0:
-                with open(os.path.join(tmp, "trainer.json"), "w") as f:
-                    json.dump(dict(state, scheduler=sched.state_dict(), world=self.world,
-                                   config=asdict(self.cfg)), f, indent=2)
+                write_file(os.path.join(tmp, "trainer.json"), json.dumps(dict(
+                    state, scheduler=sched.state_dict(), world=self.world, config=asdict(self.cfg)), indent=2))
         except (OSError, CheckpointException) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(self._write_error(final, e)) from None
@@ -172,10 +171,9 @@ class Checkpointer:
         for name in reversed(self.newest()):
             path = os.path.join(self.dir, name)
             try:
-                with open(os.path.join(path, "trainer.json")) as f:
-                    meta = json.load(f)
+                meta = read_json(os.path.join(path, "trainer.json"))
                 return dict(config=meta["config"], step=meta["step"]), path
-            except (OSError, ValueError, KeyError, TypeError):
+            except (ValueError, KeyError):
                 continue  # unreadable: load() names it damaged and tries an older one
         return None, None
 
@@ -213,8 +211,7 @@ class Checkpointer:
         return all_sum({"failed": 0 if ok else 1}, self.device)["failed"] == 0
 
     def _read(self, path):
-        with open(os.path.join(path, "trainer.json")) as f:
-            meta = json.load(f)
+        meta = read_json(os.path.join(path, "trainer.json"))
         rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
         rng = torch.load(rng_path, weights_only=True) if meta["world"] == self.world else None
         return meta, rng
