@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from model import TINY_CONFIGS, build_model
+from model import TINY_CONFIGS, build_model, check_model_name
 from rollout import Engine, SamplingParams, derive_seed
 from run_outputs import write_file
 from settings import (INT64, TEMPERATURE, TOP_P, SettingError, Settings, at_least, build, nearest, one_of, option,
@@ -479,9 +479,8 @@ class ModelSettings(Settings):
         return agent_json(values.get("model"))
 
     def check_together(self):
-        if self.model and self.model not in TINY_CONFIGS and not os.path.isdir(self.model):
-            raise SettingError(f"'model': {self.model!r} is neither a checkpoint directory nor one of "
-                               f"{sorted(TINY_CONFIGS)}")
+        if self.model:
+            check_model_name(self.model)
         if self.model in TINY_CONFIGS and not self.tokenizer:
             raise SettingError(f"'model' {self.model!r} is a fresh tiny model with no tokenizer: give --tokenizer")
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")

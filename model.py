@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from run_outputs import write_file
-from settings import read_json
+from settings import SettingError, read_json
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,7 +653,10 @@ def build_model(name_or_path, dtype=torch.float32, device="cpu", seed=0):
     if name_or_path in TINY_CONFIGS:
         cfg = replace(TINY_CONFIGS[name_or_path])
         return Transformer(cfg).init_weights(seed).to(device=device, dtype=as_dtype(dtype))
-    if not os.path.isdir(name_or_path):
-        raise FileNotFoundError(f"model '{name_or_path}' is neither a checkpoint directory nor one of "
-                                f"the tiny configs {sorted(TINY_CONFIGS)}")
+    check_model_name(name_or_path)
     return Transformer.from_pretrained(name_or_path, dtype=dtype, device=device)
+
+
+def check_model_name(name):
+    if name not in TINY_CONFIGS and not os.path.isdir(name):
+        raise SettingError(f"'model': {name!r} is neither a checkpoint directory nor one of {sorted(TINY_CONFIGS)}")

@@ -31,7 +31,7 @@ import dapo
 import eval as evaluation
 import tasks
 from memory_agent import AgentConfig, MemoryAgent, agent_json, document_tokens
-from model import TINY_CONFIGS, build_model
+from model import TINY_CONFIGS, build_model, check_model_name
 from rollout import Engine, SamplingParams, derive_seed
 from run_dir import Checkpointer, all_max, all_sum, barrier, log_step, setup_distributed, summary, tensorboard
 from settings import (INT64, TASK_FILES, DataConfig, EngineConfig, EvalConfig, OptimConfig, RLConfig, SettingError,
@@ -72,9 +72,7 @@ class Config(Settings):
         return agent_json(values.get("model", cls.model))
 
     def check_together(self):
-        if self.model not in TINY_CONFIGS and not os.path.isdir(self.model):
-            raise SettingError(f"model: '{self.model}' is neither a checkpoint directory nor one of "
-                               f"{sorted(TINY_CONFIGS)}")
+        check_model_name(self.model)
         for key, spec, lengths in (("data", self.data.tasks, self.data.lengths),
                                    ("eval", self.eval.tasks, self.eval.lengths or self.data.lengths),
                                    ("data.tokenizer_tasks", self.data.tokenizer_tasks, "1k")):

@@ -209,7 +209,7 @@ def test_logprob_gradients_flow_with_chunking_and_checkpointing():
 def test_build_model_tiny_and_unknown():
     model = build_model("micro")
     assert model.num_params() > 0 and model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 512)
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(ValueError, match="'model': 'nope' is neither a checkpoint directory"):
         build_model("nope")
 
 
