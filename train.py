@@ -37,7 +37,7 @@ from run_dir import Checkpointer, all_max, all_sum, barrier, log_step, setup_dis
 from settings import (INT64, TASK_FILES, DataConfig, EngineConfig, EvalConfig, OptimConfig, RLConfig, SettingError,
                       Settings, at_least, build, flatten, merge, one_of, option, within)
 from tokenizer import load_tokenizer, train_sentencepiece
-from warm_start import COPY_ROW_TOKENS, TOKENIZER_TASKS, copy_rows, teacher_rows, tiny_corpus
+from warm_start import TOKENIZER_TASKS, sft_rows, tiny_corpus
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,16 +600,8 @@ class Trainer:
         return m
 
     def sft_step(self):
-        cfg = self.cfg
         t0 = time.perf_counter()
-        if self.step < cfg.data.copy_warmup_steps:  # one micro-batch of copy rows per rank
-            num = max(1, cfg.optim.micro_batch_tokens // (COPY_ROW_TOKENS + 1))
-            rows = copy_rows(num, COPY_ROW_TOKENS, self.tok.vocab_size, seed=[cfg.seed, self.step, self.rank],
-                             first_text_id=max(self.tok.special.values(), default=-1) + 1)
-        else:
-            agent = MemoryAgent(None, self.tok, cfg.agent)
-            rows = [r for _, s in self.next_questions(cfg.data.questions_per_step)
-                    for r in teacher_rows(s, agent, self.tok, cfg.data.sft_direct)]
+        rows = sft_rows(self.cfg, self.tok, self.step, self.rank, self.next_questions)
         m = self.learner.update(self.learner.micro_batches(rows)) or {}
         tokens = all_sum({"t": sum(len(r) for r in rows)}, self.device)["t"]
         m.update(update_s=time.perf_counter() - t0, train_tokens=tokens,
@@ -637,10 +629,9 @@ class Trainer:
 
     def load_checkpoint(self):  # -> False if there is no checkpoint to resume from
         state = self.checkpoints.load(self.model, self.opt, self.sched)
-        if state is None:
-            return False
-        self.step, self.position, self.bad_steps = state["step"], state["position"], state["bad_steps"]
-        return True
+        if state is not None:
+            self.step, self.position, self.bad_steps = state["step"], state["position"], state["bad_steps"]
+        return state is not None
 
     def save_checkpoint(self):
         return self.checkpoints.save(self.model, self.opt, self.sched,

@@ -5,6 +5,7 @@ learns from before RL.
                    needle sentences read so far; then the boxed answer from that memory
     copy_rows      repeated random token strings: a transformer learns to copy (induction heads) fastest
                    from text that repeats itself, and every turn of the agent copies
+    sft_rows       one SFT step's rows: copy rows during data.copy_warmup_steps, then teacher rows
     tiny_corpus    the text a from-scratch tokenizer is trained on
 """
 import math
@@ -13,9 +14,21 @@ import numpy as np
 
 import dapo
 import tasks
-from memory_agent import TEMPLATES, ChunkStream, document_tokens
+from memory_agent import TEMPLATES, ChunkStream, MemoryAgent, document_tokens
 
 COPY_ROW_TOKENS = 128  # tokens predicted by one copy-warm-up row (it holds one more, the first input)
+
+
+def sft_rows(cfg, tok, step, rank, next_questions):
+    """One SFT step's rows on this rank: a micro-batch of copy rows during data.copy_warmup_steps, then the
+    teacher rows of its share of the step's questions (next_questions(k) -> [(index in the run, sample)])."""
+    if step < cfg.data.copy_warmup_steps:
+        num = max(1, cfg.optim.micro_batch_tokens // (COPY_ROW_TOKENS + 1))
+        return copy_rows(num, COPY_ROW_TOKENS, tok.vocab_size, seed=[cfg.seed, step, rank],
+                         first_text_id=max(tok.special.values(), default=-1) + 1)
+    agent = MemoryAgent(None, tok, cfg.agent)
+    return [r for _, s in next_questions(cfg.data.questions_per_step)
+            for r in teacher_rows(s, agent, tok, cfg.data.sft_direct)]
 
 
 def teacher_rows(sample, agent, tok, direct=False):
