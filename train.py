@@ -508,8 +508,8 @@ class Trainer:
             raise SettingError(f"data.questions_per_step={cfg.data.questions_per_step} must be divisible by "
                                f"the {self.world} ranks")
         self.checkpoints = Checkpointer(cfg, self.rank, self.world, self.device)
-        self.checkpoints.claim_out_dir()  # before anything is written there (a tokenizer trained for the run)
         try:
+            self.checkpoints.claim_out_dir()  # before anything is written there (a tokenizer trained for the run)
             self.cfg = self.checkpoints.cfg = cfg = settings_of_the_run(cfg, self.checkpoints)
             self.tok = build_tokenizer(cfg, self.rank)
             self.learner = Learner(cfg, self.world, self.device, self.tok.vocab_size)
