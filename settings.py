@@ -136,7 +136,7 @@ class Settings:
         """`--config FILE` (dotted keys allowed), then the flags over it, over `below` -> a checked cls.
         --help prints `doc` and every setting."""
         flags, path = parse_flags(argv)
-        if flags.pop("help", None):
+        if _convert(bool | None, flags.pop("help", None)):
             print(doc.strip() + "\n\nsettings (--key=value or --key value; --config FILE holds them as JSON):")
             print("\n".join(usage(cls)))
             sys.exit(0)
