@@ -76,6 +76,7 @@ def plan(tasks, lengths):
         else:
             cells += [(kind, kind, path or None, hotpotqa_docs(l) if kind == "hotpotqa" else n)
                       for l, n in zip(lengths, tokens)]
+    cells = list(dict.fromkeys(cells))  # "1k,1024" is one cell
     files = {}  # a name two files share (two dev.jsonl) would merge their rows: such tasks are named by file
     for name, _, path, _ in cells:
         files.setdefault(name, set()).add(path)

@@ -136,7 +136,11 @@ class Settings:
         """`--config FILE` (dotted keys allowed), then the flags over it, over `below` -> a checked cls.
         --help prints `doc` and every setting."""
         flags, path = parse_flags(argv)
-        if _convert(bool | None, flags.pop("help", None)):
+        try:
+            wants_help = _convert(bool, flags.pop("help", False))
+        except ValueError:
+            raise SettingError(f"'help' expects bool, got {flags.get('help')!r}") from None
+        if wants_help:
             print(doc.strip() + "\n\nsettings (--key=value or --key value; --config FILE holds them as JSON):")
             print("\n".join(usage(cls)))
             sys.exit(0)
@@ -245,11 +249,19 @@ def nest(values, where, out=None, prefix=""):
     return out
 
 
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:  # json keeps the last one without a word
+        raise ValueError(f"key {twice!r} appears twice in one object")
+    return dict(pairs)
+
+
 def read_json(path, what="a JSON object", expect=dict):
     """The one way a JSON file enters: parsed, of the expected top-level type, or an error naming the file."""
     try:
         with open(path, encoding="utf-8-sig") as f:
-            value = json.load(f)
+            value = json.load(f, object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise SettingError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -317,7 +317,7 @@ def _essay_haystack(path) -> Callable[[], Iterator[str]]:
 @cache
 def _essay_sentences(path) -> list:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = " ".join(f.read().split())
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the essay haystack ({e})") from e
@@ -525,7 +525,7 @@ def read_records(path) -> list:
     if isinstance(whole, dict) and "\n" in text.strip():  # one object on one line is a JSONL file
         return [(str(path), whole)]
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a JSON string
         try:
             records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
         except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... nested
@@ -662,7 +662,7 @@ def _squad_questions(path):
             same = [where[p["context"]] for p in article["paragraphs"]]
             for p in article["paragraphs"]:
                 for qa in p["qas"]:
-                    if not qa.get("is_impossible", False):
+                    if not qa.get("is_impossible", False) and qa["answers"]:
                         questions.append((qa["question"], [a["text"] for a in qa["answers"]], [where[p["context"]]],
                                           [j for j in same if j != where[p["context"]]]))
     except (KeyError, TypeError) as e:
@@ -716,6 +716,9 @@ def _qa_sample(task, i, q, docs, target, count, seed) -> Sample:
         n -= 1
     if n < len(own):
         raise _too_short(task, target, sum(map(count, pieces(len(own)))))
+    if n == len(order) and total < target - max(map(unshuffled, range(n))):  # the file ran out of paragraphs
+        raise ValueError(f"{task}: the file's {len(docs)} paragraphs fill {total} of the {target} tokens asked; "
+                         "give a shorter length or a larger file")
     doc = pieces(n)
     meta = dict(task=task, length=target, scorer="sub_em", doc_tokens=sum(map(count, doc)), num_docs=n,
                 seed=seed, index=i)

@@ -88,6 +88,11 @@ class Config(Settings):
         if self.algo == "sft" and self.data.max_chunks:
             raise SettingError("data.max_chunks cuts RL's documents, as the release trains; SFT's ideal memories "
                                "are read from whole documents: leave it 0 with algo=sft")
+        many = [n for n in self.data.tasks.split(",") if n in tasks.TASKS and tasks.TASKS[n].scorer ==
+                "string_match_all" and (tasks.TASKS[n].relevant > 1 or not tasks.TASKS[n].answers_in_needles)]
+        if self.algo == "rl" and self.rl.reward == "boxed_em" and many:
+            raise SettingError(f"rl.reward=boxed_em scores one boxed answer against each gold alone; {many} ask "
+                               "for several answers: use rl.reward=sample (the task's own scorer)")
         if self.rl.overlong_buffer > self.agent.answer_tokens:
             raise SettingError(f"rl.overlong_buffer={self.rl.overlong_buffer} exceeds agent.answer_tokens="
                                f"{self.agent.answer_tokens}")
@@ -147,9 +152,10 @@ def settings_of_the_run(cfg, checkpoints):
     meta, where = checkpoints.newest_meta()
     changed = changed_settings(cfg, meta["config"]) if meta else []
     if cfg.export and meta:
-        if changed and checkpoints.rank == 0:
-            print(f"--export writes the run as {where} was trained; set aside: "
-                  + ", ".join(f"{k}={now!r}" for k, _, now in changed), flush=True)
+        defaults = flatten(asdict(Config()))  # what was not given cannot have been set aside
+        aside = [f"{k}={now!r}" for k, _, now in changed if now != defaults.get(k)]
+        if aside and checkpoints.rank == 0:
+            print(f"--export writes the run as {where} was trained; set aside: {', '.join(aside)}", flush=True)
         keep = dict(export=cfg.export, resume=True, out_dir=cfg.out_dir, progress=cfg.progress)
         return build(Config, merge(meta["config"], keep), where)
     if cfg.resume and changed:
@@ -298,6 +304,11 @@ class Questions:
         else:
             self.names = cfg.data.tasks.split(",")
             self.lengths = [tasks.parse_length(x) for x in cfg.data.lengths.split(",")]
+            for name, length in ((n, x) for n in self.names for x in self.lengths):  # the run's first questions
+                try:
+                    tasks.check_length(name, length, tok, num=64, seed=cfg.seed)
+                except ValueError as e:
+                    raise SettingError(f"data.lengths: {e}") from None
 
     def get(self, i):
         sample = self._get(i)
@@ -314,7 +325,10 @@ class Questions:
             return self.samples[order[j]]
         task = self.names[i % len(self.names)]
         length = self.lengths[i // len(self.names) % len(self.lengths)]
-        return tasks.TASKS[task](length, self.tok, seed=self.cfg.seed, index=i)
+        try:
+            return tasks.TASKS[task](length, self.tok, seed=self.cfg.seed, index=i)
+        except ValueError as e:  # a length at the edge: this question needs more than the first ones did
+            raise SettingError(f"data.lengths: question {i} of the run: {e}") from None
 
 
 def centre_truncated(sample, tok, max_tokens):

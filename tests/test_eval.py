@@ -315,6 +315,7 @@ def test_protocol_ruler_and_essay_tasks(tmp_path):
         (tmp_path / d / "dev.jsonl").write_text("")
     cells = ev.plan([f"jsonl:{tmp_path / 'a' / 'dev.jsonl'}", f"jsonl:{tmp_path / 'b' / 'dev.jsonl'}"], ["1"])
     assert [name for name, *_ in cells] == [f"dev:{tmp_path / d / 'dev.jsonl'}" for d in ("a", "b")]
+    assert len(ev.plan(["niah_single", "niah_single"], ["1k", "1024"])) == 1  # one cell, run once
 
 
 def test_ruler_qa_cells_run_and_score(tmp_path):

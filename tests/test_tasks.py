@@ -803,12 +803,14 @@ def test_ruler_qa_1_squad(tmp_path):
 def test_ruler_qa_2_hotpotqa(tmp_path):
     tok, items = WordTokenizer(), hotpot_items(4)
     for path in (write(tmp_path / "hp.json", items), write_jsonl(tmp_path / "hp.jsonl", items)):
-        samples = tasks.load_ruler_qa("qa_2", path, 400, tok, 2)
+        samples = tasks.load_ruler_qa("qa_2", path, 300, tok, 2)
         for s, item in zip(samples, items):
             text = tasks.document_text(s)
             for title, sentences in item["context"]:
                 assert f":\n{title}\n{''.join(sentences)}" in text  # every own paragraph, as title and text
-            assert s.answers == [item["answer"]] and 10 < s.meta["num_docs"] and s.meta["doc_tokens"] <= 400
+            assert s.answers == [item["answer"]] and 10 < s.meta["num_docs"] and 270 < s.meta["doc_tokens"] <= 300
+        with pytest.raises(ValueError, match="the file's 37 paragraphs fill .* of the 2000 tokens asked"):
+            tasks.load_ruler_qa("qa_2", path, 2000, tok, 1)  # never a document shorter than its length says
 
 
 # ---- the record boundary: any record is read into a usable sample or refused by file and field ----------
@@ -863,3 +865,17 @@ def test_a_record_with_an_empty_question_or_answer_is_named_by_its_line(tmp_path
     items[1]["question"] = "  "
     with pytest.raises(ValueError, match=r"hp.json\[1\]: sample .*the question must be"):
         tasks.load_hotpotqa(write(tmp_path / "hp.json", items), num_docs=20)
+
+
+def test_a_jsonl_line_may_hold_any_unicode_line_separator_inside_a_string(tmp_path):
+    path = tmp_path / "u.jsonl"
+    rec = dict(id="a", question="Where\u2028is it?", context="Here\u2029and\x85there.", answers=["here"])
+    path.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
+    (sample,) = tasks.load_jsonl(path)
+    assert sample.question == rec["question"] and sample.document == rec["context"]
+
+
+def test_an_essay_file_with_a_byte_order_mark_reads_as_its_text(tmp_path):
+    (tmp_path / "bom.txt").write_text("\ufeffFirst sentence here. Second one.", encoding="utf-8")
+    s = tasks.make_samples("niah_single_2", 300, WordTokenizer(), 1, source=tmp_path / "bom.txt")[0]
+    assert "\ufeff" not in tasks.document_text(s)

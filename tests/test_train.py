@@ -469,6 +469,9 @@ def test_settings_files_and_flags_in_every_form(tmp_path):
     assert Config.from_argv([f"--config={tmp_path / 'c.json'}", "--model=micro"]).steps == 5
     with pytest.raises(ValueError, match="export: .* is the run's model"):
         Config.from_argv([f"--model={ROOT}/checkpoints/tiny-sft", f"--export={ROOT}/checkpoints/tiny-sft/"])
+    (tmp_path / "same.json").write_text('{"steps": 4, "steps": 5}')
+    with pytest.raises(ValueError, match="same.json: not valid JSON .key 'steps' appears twice"):
+        Config.from_argv(["--config", str(tmp_path / "same.json")])
     (tmp_path / "twice.json").write_text(json.dumps({"agent.chunk_tokens": 64, "agent": {"chunk_tokens": 32}}))
     with pytest.raises(ValueError, match="'agent.chunk_tokens' is given twice"):  # one setting, two spellings
         Config.from_argv(["--config", str(tmp_path / "twice.json")])
@@ -521,6 +524,8 @@ def test_flags_are_given_once_and_bare_only_for_switches(tmp_path):
                         (["--data.lengths=abc"], "data: bad length .abc."),
                         (["--eval.every=5", "--eval.seed=0"], "eval.seed=0 is the run's seed"),
                         (["--steps=2", "--config"], "give the settings file"),
+                        (["--data.tasks=niah_single,vt"], "rl.reward=boxed_em scores one boxed answer"),
+                        (["--help=maybe"], "'help' expects bool"),
                         (["--eval.every=5", "--eval.tasks=niah_single,vt", "--eval.seed=0"], "is the run's seed"),
                         (["--data.tasks=jsonl:a.jsonl", "--eval.every=5", "--eval.tasks=jsonl:./a.jsonl"],
                          "must name a held-out file"),
@@ -564,12 +569,20 @@ def test_an_export_says_which_settings_it_set_aside(tmp_path, tokenizer_path, ca
     assert (tmp_path / "hf" / "model.safetensors").exists()
 
 
-def test_an_export_reads_no_training_data(tmp_path, tokenizer_path):
+def test_an_export_reads_no_training_data(tmp_path, tokenizer_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(dict(id=i, question="Where?", context="here", answers=["here"])) + "\n"
                             for i in range(4)))
     run = ["--steps=1", "--rl.dynamic_sampling=false", f"--data.tasks=jsonl:{data}"]
     Trainer(config(tmp_path / "run", tokenizer_path, *run)).train()
     data.unlink()  # the data moved away: the run can still be exported
-    Trainer(config(tmp_path / "run", tokenizer_path, *run, "--resume", f"--export={tmp_path / 'hf'}")).train()
+    Trainer(Config.from_argv([f"--out_dir={tmp_path / 'run'}", f"--export={tmp_path / 'hf'}", "--progress=false",
+                              "--rl.n=3", "--data.lengths=2k"])).train()
     assert (tmp_path / "hf" / "model.safetensors").exists()
+    out = capsys.readouterr().out
+    assert "set aside: data.lengths='2k', rl.n=3\n" in out  # what was given, not the defaults
+
+
+def test_a_data_length_too_short_for_the_runs_questions_is_a_settings_error(tmp_path, tokenizer_path):
+    with pytest.raises(ValueError, match="data.lengths: niah_single: length 20 is too short"):
+        Trainer(config(tmp_path, tokenizer_path, "--data.lengths=20"))
