@@ -83,6 +83,8 @@ def parse_length(length: Union[int, str]) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([km]?)\s*", str(length).lower())
         if m is None:
             raise ValueError(f"bad length {length!r}: expected e.g. 8192, '8k', '128k', '3.5m'")
+        if "." in m[1] and not m[2]:
+            raise ValueError(f"bad length {length!r}: a length without k or m is a whole number of tokens")
         n = int(float(m[1]) * {"": 1, "k": 1 << 10, "m": 1 << 20}[m[2]])
     if n <= 0:
         raise ValueError(f"bad length {length!r}: must be positive")

@@ -82,7 +82,7 @@ def test_parse_length():
     assert parse_length("1m") == 1048576
     assert parse_length("3.5m") == int(3.5 * 1048576)
     assert parse_length(5000) == 5000 and parse_length("5000") == 5000
-    for bad in ["8x", "", "k", "-1k", "1.2.3k", 0, "0k", True]:
+    for bad in ["8x", "", "k", "-1k", "1.2.3k", 0, "0k", True, 1.5, "300.5"]:  # a token count is whole
         with pytest.raises(ValueError, match="bad length"):
             parse_length(bad)
 
