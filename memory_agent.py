@@ -184,12 +184,14 @@ def document_tokens(document, tokenizer):
     elif isinstance(document, list):
         yield document
     elif isinstance(document, os.PathLike):
-        try:
-            with open(document, encoding="utf-8") as f:
-                for line in f:
-                    yield tokenizer.encode(line)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{document}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        with open(document, "rb") as f:
+            offset = 0
+            for raw in f:  # a line break never falls inside a UTF-8 character
+                try:
+                    yield tokenizer.encode(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{document}: not UTF-8 text ({e.reason} at byte {offset + e.start})") from None
+                offset += len(raw)
     else:
         pieces = document() if callable(document) else document
         cache = {}  # generated documents repeat a few thousand distinct pieces millions of times
@@ -360,11 +362,14 @@ class MemoryAgent:
         for i, s in enumerate(samples):
             trajs = [Trajectory(s.id, k) for k in range(n)]
             out += trajs
-            problem = self.tok.encode(s.question)
-            if len(problem) > self.cfg.question_tokens:
+            try:
+                problem = self.tok.encode(s.question)
+                if len(problem) > self.cfg.question_tokens:
+                    raise ValueError(f"question of {len(problem)} tokens exceeds agent.question_tokens="
+                                     f"{self.cfg.question_tokens}")
+            except ValueError as e:  # too long, or text that is not valid Unicode: this sample fails alone
                 for t in trajs:
-                    t.error = (f"sample {s.id}: question of {len(problem)} tokens exceeds "
-                               f"agent.question_tokens={self.cfg.question_tokens}")
+                    t.error = f"sample {s.id}: {e}"
                 continue
             stream = ChunkStream(document_tokens(s.document, self.tok), self.cfg.chunk_tokens, n)
             live += [_Rollout(t, problem, stream, k, i) for k, t in enumerate(trajs)]
@@ -485,6 +490,8 @@ class ModelSettings(Settings):
             raise SettingError(f"'model' {self.model!r} is a fresh tiny model with no tokenizer: give --tokenizer")
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
+            if torch.device(device).type not in ("cpu", "cuda"):
+                raise RuntimeError("expected cpu or cuda[:N]")
             if torch.device(device).type == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("this torch has no CUDA device")
         except RuntimeError as e:

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -444,7 +444,7 @@ class ModelRunner:
 
     def run(self, batch: Batch):
         """Forward the batch's tokens; sample for every sequence whose input ends in this step.
-        -> [(sequence, token, log-prob)]."""
+        -> [(sequence, token, log-prob, whether its logits were finite)]."""
         ids, pos, kv, rows = self._prepare(batch)
         with torch.inference_mode():
             if self.use_graphs and batch.num_decode == len(batch.seqs) and graph_batch_size(len(rows)):
@@ -457,7 +457,8 @@ class ModelRunner:
             P = [s.params for s in sampled]
             tok, lp = sample(logits, [p.temperature for p in P], [p.top_p for p in P], [p.top_k for p in P],
                              [s.seed for s in sampled], [len(s) for s in sampled])
-        return list(zip(sampled, tok.tolist(), lp.tolist()))
+            finite = torch.isfinite(logits.float()).all(-1)  # (len(rows),)
+        return list(zip(sampled, tok.tolist(), lp.tolist(), finite.tolist()))
 
     def _prepare(self, batch):
         """Token ids, positions, the step's PagedKV metadata (built once, for all layers) and the rows
@@ -574,6 +575,7 @@ class Engine:
         self.rejected: list[Completion] = []  # bad requests, returned by the next step
         self.stats = dict(prefill_tokens=0, decode_tokens=0, steps=0, forward_s=0.0)
         self.busy, self.owner = threading.RLock(), None
+        self.weights_version = None
 
     @staticmethod
     def _blocks_from_memory(cfg, p, block_size, gpu_memory_utilization, kv_cache_bytes):
@@ -593,8 +595,9 @@ class Engine:
         """Queue a prompt; returns its request id. A bad request finishes at once with an error."""
         rid = next(self.ids)
         try:
+            prompt = prompt.tolist() if hasattr(prompt, "tolist") else prompt  # a tensor, a numpy array
             self._check_request(prompt, params)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             self.rejected.append(Completion([], [], "error", f"request {rid}: {e}", rid))
             return rid
         seed = params.seed if params.seed is not None else next(self.seeds)
@@ -609,10 +612,8 @@ class Engine:
         if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids {list(params.stop_token_ids)} hold an id outside the vocabulary "
                              f"[0, {self.vocab_size})")
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if not prompt:
-            raise ValueError("empty prompt")
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError(f"a prompt is a non-empty list of token ids, got {str(prompt)[:50]}")
         if all(type(t) is int for t in prompt):  # the usual case, checked without a Python test per token
             lo, hi = min(prompt), max(prompt)
             bad = lo if lo < 0 else hi if hi >= self.vocab_size else None
@@ -644,6 +645,10 @@ class Engine:
     def step(self) -> list[Completion]:
         """Run one mixed decode + prefill step; returns the requests that finished in it (and any
         rejected since the last step)."""
+        version = sum(p._version for p in self.runner.model.parameters())  # bumped by in-place updates
+        if version != self.weights_version:  # cached prefixes were computed by other weights
+            self.blocks.forget_prefixes()
+            self.weights_version = version
         batch, out_of_room = self.scheduler.schedule()
         done, self.rejected = self.rejected, []
         done += [self._complete(s) for s in out_of_room]
@@ -666,9 +671,13 @@ class Engine:
             s.num_computed += n
             self.blocks.register_full_blocks(s, s.num_computed)
         done = []
-        for s, tok, lp in sampled:
+        for s, tok, lp, finite in sampled:
             s.output.append(tok)
             s.logprobs.append(lp)
+            if not finite:  # NaN or inf in the model's output: no token of it is a sample
+                self.scheduler.finish(s, "error")
+                done.append(replace(self._complete(s), error=f"request {s.id}: the model's logits are not finite"))
+                continue
             if tok in s.params.stop_token_ids:
                 reason = "stop"
             elif len(s.output) >= s.params.max_new_tokens or len(s) >= self.max_len:
@@ -691,6 +700,8 @@ class Engine:
                 raise ValueError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
         else:
             params = [params] * len(prompts)
+        if self.has_unfinished():  # their completions would come back to this call
+            raise RuntimeError("generate: the engine holds requests added outside this call; step them out first")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         results, bar = {}, None
         if self.progress:

@@ -55,7 +55,10 @@ class Tokenizer:
             self.pad_id = self.eos_id
         jinja = config.get("chat_template") or ""
         if isinstance(jinja, list):  # some checkpoints ship several named templates
-            jinja = next((t["template"] for t in jinja if t.get("name") == "default"), "")
+            jinja = next((t.get("template") for t in jinja if isinstance(t, dict) and t.get("name") == "default"), "")
+        if not isinstance(jinja, str):
+            raise ValueError(f"{os.path.dirname(file)}/tokenizer_config.json: chat_template must be a string, or a "
+                             "list of {name, template} holding one named default")
         self.template = chat_template or guess_template(jinja, self)
         if self.template not in TEMPLATES:
             raise ValueError(f"chat_template '{self.template}' is not one of {TEMPLATES}")
@@ -68,6 +71,8 @@ class Tokenizer:
     def _config_token(self, config, key):
         tok = config.get(key)
         tok = tok.get("content") if isinstance(tok, dict) else tok
+        if tok is not None and not isinstance(tok, str):
+            raise ValueError(f"{self.path}: tokenizer_config.json {key}={tok!r} must be a token string")
         i = None if tok is None else self.hf.token_to_id(tok)
         if i is None and tok is not None:
             raise ValueError(f"{self.path}: tokenizer_config.json {key}='{tok}' is not in the vocabulary")
@@ -91,8 +96,8 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """Ids to text, special tokens dropped."""
-        special = set(self.special.values())
-        ids = [i for i in ids if i not in special]
+        special = set(self.special.values())  # and ids past the tokenizer's own (a model's padded vocabulary)
+        ids = [i for i in ids if i not in special and 0 <= i < self.vocab_size]
         if self.sp is not None:
             return self.sp.DecodeIds(ids)
         return self.hf.decode(ids, skip_special_tokens=True)
@@ -198,9 +203,10 @@ def check_messages(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, dict) else m
             raise ValueError(f"messages[{i}]: role {role!r} is not one of {ROLES}")
-        if not isinstance(m.get("content"), (str, list, tuple)):
-            raise ValueError(f"messages[{i}]: content must be a str or a list of token ids, "
-                             f"got {type(m.get('content')).__name__}")
+        content = m.get("content")
+        if not (isinstance(content, str) or isinstance(content, (list, tuple)) and all(
+                type(t) is int for t in content)):
+            raise ValueError(f"messages[{i}]: content must be a str or a list of token ids, got {str(content)[:50]}")
 
 
 def guess_template(jinja: str, tok: Tokenizer) -> str:

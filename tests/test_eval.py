@@ -451,7 +451,8 @@ def test_what_a_sweep_reads_and_writes_is_checked_first(checkpoint, tmp_path, mo
                         (["--tasks", f"jsonl:{tmp_path / 'empty.jsonl'}"], "empty.jsonl: holds no records"),
                         (["--samples", "none"], "'samples' must be >= 1, got None"),
                         (["--model", str(tmp_path / "none")], "'model': .*none' is neither a checkpoint"),
-                        (["--model", "micro"], "give --tokenizer")):
+                        (["--model", "micro"], "give --tokenizer"),
+                        (["--device", "meta"], "'device' 'meta': expected cpu or cuda")):
         with pytest.raises(SystemExit, match=match):
             ev.main(["--model", str(path), "--lengths", "300", *argv])
     assert json.loads((tmp_path / "s.json").read_text())["samples"] == 1

@@ -461,3 +461,22 @@ def test_direct_prompt_cuts_the_middle_of_the_document_to_fit():
         assert TOK.decode(prompt) == f"<user>\nText: {text}\nProblem: q?\nAnswer:\n<assistant>\n"
     with pytest.raises(ValueError, match="question alone exceeds 45 tokens"):
         agent.direct_prompt(sample, 45)
+
+
+def test_a_question_that_cannot_be_encoded_fails_its_own_sample():
+    class Strict(CharTokenizer):
+        def encode(self, text):
+            if "\ud800" in text:
+                raise ValueError("text holds a lone surrogate")
+            return super().encode(text)
+    tok = Strict()
+    good = Sample("good", "What is the magic number for lamp?", "doc", ["x"])
+    bad = Sample("bad", "What is the magic number for \ud800?", "doc", ["x"])
+    ok, failed = MemoryAgent(ScriptedEngine(tok), tok, SMALL).run([good, bad])
+    assert ok.error is None and "sample bad: text holds a lone surrogate" in failed.error
+
+
+def test_a_document_file_that_is_not_utf8_names_the_byte(tmp_path):
+    (tmp_path / "doc.txt").write_bytes(b"a" * 100_000 + b"\n" + b"bc\xff")
+    with pytest.raises(ValueError, match="not UTF-8 text .* at byte 100003"):
+        list(document_tokens(tmp_path / "doc.txt", TOK))

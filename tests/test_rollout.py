@@ -3,6 +3,7 @@ import math
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -137,12 +138,35 @@ def test_incremental_interface(model):
 def test_bad_requests_fail_alone(model):
     engine = Engine(model, num_blocks=8, block_size=16)
     good = prompts([4])[0]
-    out = engine.generate([[], [1] * 300, good, prompts([200])[0]],
-                          [SamplingParams(), SamplingParams(), SamplingParams(temperature=0, max_new_tokens=3),
-                           SamplingParams()])
+    greedy = SamplingParams(temperature=0, max_new_tokens=3)
+    out = engine.generate([[], [1] * 300, good, prompts([200])[0], torch.tensor(7), 5, {1: 2}, np.array(good)],
+                          [SamplingParams()] * 2 + [greedy] + [SamplingParams()] * 4 + [greedy])
     errors = [c.error for c in out]
-    assert "empty prompt" in errors[0] and "256 positions" in errors[1] and "KV cache" in errors[3]
+    assert "non-empty list of token ids" in errors[0] and "256 positions" in errors[1] and "KV cache" in errors[3]
+    assert all("non-empty list of token ids" in e for e in errors[4:7])  # a number, a dict: each fails alone
     assert out[2].finish_reason == "length" and out[2].token_ids == naive_greedy(model, good, 3)
+    assert out[7].token_ids == out[2].token_ids  # a numpy prompt is a prompt
+    engine.add_request(good, greedy)  # generate owns the engine: another caller's request would end up in it
+    with pytest.raises(RuntimeError, match="requests added outside this call"):
+        engine.generate([good], greedy)
+
+
+def test_non_finite_logits_fail_their_request_and_the_prefix_cache_follows_the_weights(model):
+    import copy
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    (c,) = Engine(broken, num_blocks=16).generate([prompts([40])[0]], SamplingParams(max_new_tokens=3))
+    assert c.finish_reason == "error" and "not finite" in c.error
+    live, prompt = copy.deepcopy(model), prompts([40])[0]  # 40 tokens: two full blocks to share
+    engine, greedy = Engine(live, num_blocks=16), SamplingParams(temperature=0, max_new_tokens=4)
+    engine.generate([prompt], greedy)
+    with torch.no_grad():
+        for p in live.parameters():
+            p.mul_(1.5)  # an update in place, as an optimizer step makes
+    (again,) = engine.generate([prompt], greedy)
+    (fresh,) = Engine(live, num_blocks=16).generate([prompt], greedy)
+    assert again.num_prefix_hits == 0 and (again.token_ids, again.logprobs) == (fresh.token_ids, fresh.logprobs)
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=2**63),

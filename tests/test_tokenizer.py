@@ -230,8 +230,9 @@ def test_unknown_roles_are_errors(sp_tok, template, role):
         tok.apply_chat_template(msgs)
     with pytest.raises(ValueError, match="non-empty list"):
         tok.apply_chat_template([])
-    with pytest.raises(ValueError, match=r"messages\[0\]: content must be a str or a list of token ids"):
-        tok.apply_chat_template([{"role": "user", "content": 5}])
+    for content in (5, ["a", "b"], [1.5, None], [[1, 2]]):  # ids are spliced in as they are: only ints pass
+        with pytest.raises(ValueError, match=r"messages\[0\]: content must be a str or a list of token ids"):
+            tok.apply_chat_template([{"role": "user", "content": content}])
 
 
 def test_corrupt_tokenizer_config_names_the_file(sp_tok, tmp_path):
@@ -243,6 +244,15 @@ def test_corrupt_tokenizer_config_names_the_file(sp_tok, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('["a list"]')
     with pytest.raises(ValueError, match=r"tokenizer_config.json: expected a JSON object"):
         load_tokenizer(tmp_path)
+    for template in (5, {"a": "b"}, [{"name": "default"}]):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+        with pytest.raises(ValueError, match=r"tokenizer_config.json: chat_template must be a string"):
+            load_tokenizer(tmp_path)
+
+
+def test_ids_past_the_tokenizers_vocabulary_decode_to_nothing(sp_tok):
+    # a model's embedding is often padded past its tokenizer's vocabulary; those rows carry no text
+    assert sp_tok.decode(sp_tok.encode("lamp") + [sp_tok.vocab_size, 10**6]) == "lamp"
 
 
 def test_lone_surrogate_is_a_clear_error(sp_tok, hf_dir):
