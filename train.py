@@ -586,6 +586,7 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         kept, seen, st = self.rollout()
+        check_rollouts(seen, self.step, self.device)
         t0 = time.perf_counter()
         trajs = [t for _, g, _ in kept for t in g]
         groups = [i for i, (_, g, _) in enumerate(kept) for _ in g]
@@ -713,6 +714,15 @@ class Trainer:
         self.log(summary(cfg, history, self.checkpoints.newest(), curves))
         return history
 
+
+
+def check_rollouts(seen, step, device):
+    """A step whose every rollout failed, on every rank, has nothing to learn and never will: it stops
+    the run with the first error, rather than train on nothing step after step."""
+    trajs = [t for _, g, _ in seen for t in g]
+    errors = [t.error for t in trajs if t.error is not None]
+    if all_sum({"ok": len(trajs) - len(errors)}, device)["ok"] == 0:
+        raise RuntimeError(f"step {step}: every rollout failed (here: {errors[0] if errors else 'none ran'})")
 
 
 def earliest_groups(mine, want, world):

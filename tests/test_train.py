@@ -507,12 +507,20 @@ def test_a_full_disk_at_checkpoint_time_is_named_and_loses_nothing(tmp_path, tok
 
 def test_rl_step_with_non_finite_log_probs_is_skipped(tmp_path, tokenizer_path):
     t = Trainer(config(tmp_path, tokenizer_path, "--steps=1", "--rl.dynamic_sampling=false", "--rl.n=2"))
-    with torch.no_grad():
-        t.model.norm.weight[0] = float("nan")  # every logit, so every log-prob, is NaN
+    real = t.model.token_logprobs  # the update's forward (the engine samples through another)
+
+    def nan_logprobs(*args, **kw):
+        out = real(*args, **kw)
+        return tuple(x * float("nan") for x in out) if isinstance(out, tuple) else out * float("nan")
+    t.model.token_logprobs = nan_logprobs
     before = [p.detach().clone() for p in t.model.parameters()]
     m = t.rl_step()
     assert m["skipped"] == 1
-    assert all(torch.equal(a, b.detach()) or torch.isnan(a).any() for a, b in zip(before, t.model.parameters()))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, t.model.parameters()))
+    with torch.no_grad():
+        t.model.norm.weight[0] = float("nan")  # every logit is NaN: every rollout fails, nothing can be learned
+    with pytest.raises(RuntimeError, match="step 0: every rollout failed .*logits are not finite"):
+        t.rl_step()
 
 
 def test_flags_are_given_once_and_bare_only_for_switches(tmp_path):
