@@ -326,7 +326,7 @@ class MemoryAgent:
             self._check_budget(min(engine.max_len, kv), f"the model's {engine.max_len} positions" if kv >=
                                engine.max_len else f"the engine's KV cache ({engine.num_blocks} blocks of {engine.block_size})")
 
-    def _check_budget(self, max_len, room):  # every turn's prompt plus its longest output fits the model
+    def _check_budget(self, limit, room):  # every turn's prompt plus its longest output fits `room` (limit tokens)
         c = self.cfg
         memory = max(c.memory_tokens, len(self.empty_memory))  # the old memory in a prompt
         frame = self.wrapper_tokens + c.question_tokens + memory
@@ -336,7 +336,7 @@ class MemoryAgent:
                   f"agent.answer_tokens={c.answer_tokens} + agent.memory_tokens={c.memory_tokens}"))
         for template, new, what in turns:
             need = frame + template.num_text_tokens + new
-            if need > max_len:
+            if need > limit:
                 raise SettingError(f"{what} + agent.question_tokens={c.question_tokens} + template and chat frame "
                                    f"({need} tokens in all) exceed {room}")
 
@@ -490,9 +490,10 @@ class ModelSettings(Settings):
             raise SettingError(f"'model' {self.model!r} is a fresh tiny model with no tokenizer: give --tokenizer")
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            if torch.device(device).type not in ("cpu", "cuda"):
+            kind = torch.device(device).type
+            if kind not in ("cpu", "cuda"):
                 raise RuntimeError("expected cpu or cuda[:N]")
-            if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            if kind == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("this torch has no CUDA device")
         except RuntimeError as e:
             raise SettingError(f"'device' {device!r}: {str(e).splitlines()[0]}") from None
